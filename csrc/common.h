@@ -1,0 +1,49 @@
+// Shared by the CPU kernels: argument checks with messages that name the argument, and the
+// element loads used by every kernel. Schemas are declared in Python (lrfluct_fast/ops).
+#pragma once
+#include <torch/library.h>
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/util/Half.h>
+#include <c10/util/BFloat16.h>
+
+namespace lrfluct {
+
+// Rows of the packed statistics (lrfluct_fast/ops/_library.py).
+constexpr int64_t kCount = 0, kPositive = 1, kNonfinite = 2;
+// moments rows: mean of (x - shift), M2, shift (the first finite value seen)
+constexpr int64_t kMean = 0, kM2 = 1, kShift = 2;
+
+inline bool is_float_input(at::ScalarType t) {
+  return t == at::kHalf || t == at::kBFloat16 || t == at::kFloat || t == at::kDouble;
+}
+
+inline void check_float_input(const char* name, const at::Tensor& x) {
+  TORCH_CHECK_VALUE(is_float_input(x.scalar_type()), name,
+      " must be float16, bfloat16, float32 or float64, got ", x.scalar_type());
+  TORCH_CHECK_VALUE(x.device().is_cpu(), name, " must be on cpu, got ", x.device());
+}
+
+inline void check_state(const std::string& name, const at::Tensor& t, at::IntArrayRef shape,
+                        std::initializer_list<at::ScalarType> dtypes, const at::Device& device) {
+  TORCH_CHECK_VALUE(t.sizes() == shape, name, " must have shape ", shape, ", got ", t.sizes());
+  bool ok = false;
+  std::string allowed;
+  for (auto d : dtypes) {
+    ok = ok || t.scalar_type() == d;
+    allowed += (allowed.empty() ? "" : " or ") + std::string(c10::toString(d));
+  }
+  TORCH_CHECK_VALUE(ok, name, " must have dtype ", allowed, ", got ", t.scalar_type());
+  TORCH_CHECK_VALUE(t.device() == device, name, " must be on ", device, ", got ", t.device());
+  TORCH_CHECK_VALUE(t.is_contiguous(), name, " must be contiguous (it is updated in place)");
+}
+
+// Hot loops are compiled twice, for AVX2 and for baseline x86-64, and picked at load time:
+// fast on current CPUs, still portable. (The loops vectorise only with -fno-trapping-math.)
+#if defined(__GNUC__) && defined(__x86_64__)
+#define LRFLUCT_SIMD_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define LRFLUCT_SIMD_CLONES
+#endif
+
+}  // namespace lrfluct

@@ -1,0 +1,218 @@
+"""baselines: hook-based capture of the DESIGN statistics, the way people do it today.
+
+Two monitors with the Monitor's API (step, summary, metrics, reset, remove, layers):
+  HookSnapshot   keeps float64 CPU copies of every counted z, every dL/dz and the weights
+                 and biases after every step, and computes summary() from them with
+                 two-pass formulas. Memory grows with every step. It is the float64
+                 reference the whole project's tests compare against.
+  HookStreaming  streams the same statistics with torch ops inside the hooks: per-batch
+                 masked mean/M2 in float32 on the tensor's device, Chan-merged into running
+                 float32 state (counts int64); weights and biases by Welford per element.
+                 Memory is flat over steps.
+
+They share everything but storage: hook registration, the [R, N] view of a layer's output,
+the counting rules and the summary assembly live in _HookMonitor; a subclass only says how
+an observation is captured, committed and turned into packed (counts, moments) statistics.
+
+Counting rules (DESIGN section 1): a forward is counted when its backward runs, and only if
+it ran in training mode with grad enabled; it is captured in the forward hook (so in-place
+ops after the layer cannot alter it) and committed by a hook on the output tensor, which
+also receives dL/dz. So gradient accumulation counts every micro-batch, a forward whose
+backward never runs is not counted, and an activation-checkpoint recompute is counted once.
+This module owns its hooks and its statistics; it never modifies the model, its parameters
+or gradients, and does not use lrfluct_fast.ops (it is the independent baseline).
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import metrics
+
+SUPPORTED = (nn.Linear, nn.Conv1d, nn.Conv2d)
+KINDS = ("activation", "gradient", "weight", "bias")
+
+
+def neuron_rows(module: nn.Module, t: torch.Tensor) -> torch.Tensor:
+    """View a layer output (or its gradient) as [R, N]: neurons last, every other dim rows."""
+    if isinstance(module, nn.Linear):
+        return t.reshape(-1, t.shape[-1])
+    # ConvNd: channels are dim 1 of a batched output, dim 0 of an unbatched one.
+    spatial = len(module.kernel_size)
+    channel_dim = 1 if t.dim() == spatial + 2 else 0
+    return t.movedim(channel_dim, -1).reshape(-1, t.shape[channel_dim])
+
+
+def column_stats(x: torch.Tensor, dtype: torch.dtype):
+    """Two-pass masked statistics of the columns of x [R, N], accumulated in dtype.
+
+    Returns counts int64 [3, N] (finite, finite > 0, non-finite) and moments [2, N]
+    (mean, M2 of the finite values; 0 and 0 for a column without one).
+    """
+    finite = torch.isfinite(x)
+    xf = torch.where(finite, x.to(dtype), 0)
+    count = finite.sum(0)
+    mean = xf.sum(0) / count.clamp(min=1)
+    m2 = torch.where(finite, xf - mean, 0).square().sum(0)
+    positive = (finite & (x > 0)).sum(0)
+    return torch.stack([count, positive, x.shape[0] - count]), torch.stack([mean, m2])
+
+
+def chan_merge_(counts, moments, batch_counts, batch_moments) -> None:
+    """Merge a batch's (counts, moments) into running ones in place (Chan et al.)."""
+    na, nb = counts[0].double(), batch_counts[0].double()
+    # weights in float64: a float32 count loses integers past 2^24 rows
+    wb = nb / (na + nb).clamp(min=1)
+    wab = (na * wb).to(moments.dtype)
+    wb = wb.to(moments.dtype)
+    delta = batch_moments[0] - moments[0]
+    moments[0] += delta * wb
+    moments[1] += batch_moments[1] + delta.square() * wab
+    counts += batch_counts
+
+
+class _HookMonitor:
+    """Hooks, counting rules and summary assembly shared by both baselines."""
+
+    def __init__(self, model: nn.Module, dead_threshold: float = 0.01):
+        self.dead_threshold = dead_threshold
+        self._modules = {name: m for name, m in model.named_modules() if isinstance(m, SUPPORTED)}
+        self.layers = list(self._modules)
+        self._removed = False
+        self._handles = [m.register_forward_hook(self._forward_hook(name))
+                         for name, m in self._modules.items()]
+        self.reset()
+
+    # -- what a subclass provides -------------------------------------------------------
+    def _capture(self, x: torch.Tensor):
+        """Turn an observation x [R, N] into what _commit stores (called in the hooks)."""
+        raise NotImplementedError
+
+    def _commit(self, name: str, kind: str, captured) -> None:
+        raise NotImplementedError
+
+    def _stats(self, name: str, kind: str):
+        """Packed (counts, moments) of everything committed, or None if nothing was."""
+        raise NotImplementedError
+
+    def _clear(self) -> None:
+        raise NotImplementedError
+
+    def memory_bytes(self) -> int:
+        raise NotImplementedError
+
+    # -- hooks ----------------------------------------------------------------------------
+    def _forward_hook(self, name: str):
+        def hook(module, args, out):
+            if self._removed or not (module.training and torch.is_grad_enabled()):
+                return
+            if not isinstance(out, torch.Tensor) or not out.requires_grad:
+                return
+            pending = [self._capture(neuron_rows(module, out.detach()))]
+
+            def grad_hook(grad):
+                if self._removed:
+                    return
+                if pending:  # a second backward through a retained graph adds gradients only
+                    self._commit(name, "activation", pending.pop())
+                self._commit(name, "gradient", self._capture(neuron_rows(module, grad.detach())))
+
+            out.register_hook(grad_hook)
+        return hook
+
+    # -- Monitor API ----------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self) -> None:
+        """Record the current weights and biases as one observation (call after opt.step())."""
+        if self._removed:
+            return
+        self._steps += 1
+        for name, m in self._modules.items():
+            self._commit(name, "weight", self._capture(m.weight.detach().reshape(1, -1)))
+            if m.bias is not None:
+                self._commit(name, "bias", self._capture(m.bias.detach().reshape(1, -1)))
+
+    def reset(self) -> None:
+        """Forget every statistic and the step count; hooks stay in place."""
+        self._steps = 0
+        self._clear()
+
+    def remove(self) -> None:
+        """Remove the hooks; backwards of forwards already run are ignored from now on."""
+        self._removed = True
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def _packed(self, name: str, kind: str, size: int):
+        stats = self._stats(name, kind)
+        if stats is None:
+            return np.zeros((3, size), np.int64), np.zeros((2, size), np.float64)
+        return stats[0].cpu().numpy(), stats[1].cpu().numpy()
+
+    def _temporal_var(self, name: str, kind: str, size: int) -> np.ndarray:
+        return metrics.summarize_stats(kind, *self._packed(name, kind, size))[f"{kind}.var"]
+
+    def summary(self) -> dict[str, dict[str, np.ndarray]]:
+        out = {}
+        for name, m in self._modules.items():
+            n = m.weight.shape[0]
+            s = {}
+            for kind in ("activation", "gradient"):
+                s.update(metrics.summarize_stats(kind, *self._packed(name, kind, n)))
+            wvar = self._temporal_var(name, "weight", m.weight.numel()).reshape(m.weight.shape)
+            s["weight.temporal_var"] = wvar
+            s["weight.spread"] = metrics.weight_spread(wvar)
+            s["bias.spread"] = (np.sqrt(self._temporal_var(name, "bias", n)) if m.bias is not None
+                                else np.full(n, np.nan))
+            s["steps"] = np.array(self._steps, dtype=np.int64)
+            out[name] = s
+        return out
+
+    def metrics(self) -> dict[str, dict[str, float]]:
+        return {name: metrics.layer_metrics(s, dead_threshold=self.dead_threshold)
+                for name, s in self.summary().items()}
+
+
+class HookSnapshot(_HookMonitor):
+    """Full float64 CPU copies of every observation; two-pass statistics at summary()."""
+
+    def _capture(self, x):
+        return x.detach().to("cpu", torch.float64).clone()
+
+    def _commit(self, name, kind, captured):
+        self._store.setdefault((name, kind), []).append(captured)
+
+    def _stats(self, name, kind):
+        chunks = self._store.get((name, kind))
+        return column_stats(torch.cat(chunks), torch.float64) if chunks else None
+
+    def _clear(self):
+        self._store: dict[tuple[str, str], list[torch.Tensor]] = {}
+
+    def memory_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for ts in self._store.values() for t in ts)
+
+
+class HookStreaming(_HookMonitor):
+    """Running float32 (count int64) statistics on the observed tensors' device."""
+
+    def _capture(self, x):
+        return column_stats(x, torch.float32)
+
+    def _commit(self, name, kind, captured):
+        state = self._state.get((name, kind))
+        if state is None:
+            self._state[(name, kind)] = list(captured)
+        else:
+            chan_merge_(*state, *captured)
+
+    def _stats(self, name, kind):
+        return self._state.get((name, kind))
+
+    def _clear(self):
+        self._state: dict[tuple[str, str], list[torch.Tensor]] = {}
+
+    def memory_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for ts in self._state.values() for t in ts)

@@ -1,0 +1,186 @@
+"""Figures of the learning-rate experiment, drawn from saved per-lr results.
+
+Owns the five figures `reproduce` writes; reads only the result mappings of
+`train.train_autoencoder` (as loaded from the npz files) and writes PNGs atomically. The
+per-layer numbers plotted against lr are report.layer_rows', the same as report.md's table. It
+uses matplotlib's object API with the Agg canvas, so it never touches pyplot's global
+backend or state.
+
+  reconstructions.png     one test image per class and its reconstruction at every lr
+  fluctuations.png        per layer, weight and bias spread over training: the mean over
+                          neurons (line) and its spread over neurons (band, +- 1 std)
+  spread_vs_lr.png        final-window mean spread and spread of the spread per layer vs lr
+  participation_vs_lr.png participation ratio / N, dead fraction, mean active fraction vs lr
+  loss.png                train and test reconstruction loss per epoch
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from typing import Mapping
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from . import report
+from .shapes import CLASSES
+
+Results = Mapping[float, Mapping[str, np.ndarray]]
+FIGURES = ("reconstructions.png", "fluctuations.png", "spread_vs_lr.png",
+           "participation_vs_lr.png", "loss.png")
+
+
+def _save(fig: Figure, path: str) -> None:
+    FigureCanvasAgg(fig)
+    tmp = f"{path}.tmp"
+    try:
+        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _log_y(ax) -> None:
+    # log scale only with some positive data: a degenerate run (one step per window) has zeros
+    ys = [np.asarray(line.get_ydata(), dtype=np.float64) for line in ax.get_lines()]
+    if any(np.any(np.isfinite(y) & (y > 0)) for y in ys):
+        ax.set_yscale("log", nonpositive="mask")
+
+
+def _layers(results: Results) -> list[str]:
+    return [str(n) for n in next(iter(results.values()))["layers"]]
+
+
+def _colors(lrs):
+    from matplotlib import colormaps
+    cmap = colormaps["viridis"]
+    return {lr: cmap(i / max(len(lrs) - 1, 1) * 0.85) for i, lr in enumerate(sorted(lrs, reverse=True))}
+
+
+def reconstructions(results: Results, path: str) -> None:
+    lrs = sorted(results, reverse=True)
+    first = results[lrs[0]]
+    inputs, labels = first["recon/inputs"], first["recon/labels"]
+    k = inputs.shape[0]
+    fig = Figure(figsize=(1.1 * k + 0.8, 1.15 * (len(lrs) + 1)))
+    axes = fig.subplots(len(lrs) + 1, k, squeeze=False)
+    rows = [("input", inputs)] + [(f"lr {lr:g}", results[lr]["recon/outputs"]) for lr in lrs]
+    for r, (name, images) in enumerate(rows):
+        for c in range(k):
+            ax = axes[r, c]
+            ax.imshow(images[c, 0], cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title(CLASSES[int(labels[c])], fontsize=8)
+            if c == 0:
+                ax.set_ylabel(name, fontsize=8)
+    fig.suptitle("test images (top) and their reconstructions per learning rate", fontsize=9)
+    _save(fig, path)
+
+
+def fluctuations(results: Results, path: str) -> None:
+    layers = _layers(results)
+    colors = _colors(results)
+    fig = Figure(figsize=(9, 2.1 * len(layers) + 0.6))
+    axes = fig.subplots(len(layers), 2, squeeze=False, sharex=True)
+    for r, layer in enumerate(layers):
+        for c, kind in enumerate(("weight", "bias")):
+            ax = axes[r, c]
+            for lr in sorted(results, reverse=True):
+                res = results[lr]
+                x = res["history/window_end"]
+                spread = res[f"history/{layer}/{kind}.spread"]
+                with warnings.catch_warnings():  # a layer without bias has all-nan rows
+                    warnings.simplefilter("ignore", RuntimeWarning)
+                    mean, std = np.nanmean(spread, axis=1), np.nanstd(spread, axis=1)
+                ax.plot(x, mean, color=colors[lr], lw=1.2, label=f"lr {lr:g}")
+                ax.fill_between(x, np.maximum(mean - std, mean * 1e-3), mean + std,
+                                color=colors[lr], alpha=0.2, lw=0)
+            _log_y(ax)
+            ax.set_title(f"{layer}: {kind} spread", fontsize=8)
+            ax.tick_params(labelsize=7)
+            if r == len(layers) - 1:
+                ax.set_xlabel("epoch", fontsize=8)
+    axes[0, 0].legend(fontsize=7)
+    fig.suptitle("fluctuations over training: mean over neurons of spread_j "
+                 "(band: +- spread of the spread)", fontsize=9)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def _per_layer_vs_lr(ax, results: Results, layers, key: str, ylabel: str, log: bool = True):
+    rows = report.layer_rows(results)
+    for layer in layers:
+        pts = sorted((x["lr"], x[key]) for x in rows if x["layer"] == layer)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", lw=1, label=layer)
+    ax.set_xscale("log")
+    if log:
+        _log_y(ax)
+    ax.set_xlabel("learning rate", fontsize=8)
+    ax.set_ylabel(ylabel, fontsize=8)
+    ax.tick_params(labelsize=7)
+
+
+def spread_vs_lr(results: Results, path: str) -> None:
+    layers = _layers(results)
+    fig = Figure(figsize=(12, 3.6))
+    axes = fig.subplots(1, 3)
+    _per_layer_vs_lr(axes[0], results, layers, "mean_spread", "mean weight spread")
+    _per_layer_vs_lr(axes[1], results, layers, "spread_of_spread", "spread of the spread (weights)")
+    _per_layer_vs_lr(axes[2], results, layers, "bias_spread_of_spread",
+                     "spread of the spread (biases)")
+    axes[0].legend(fontsize=7)
+    fig.suptitle("final-window fluctuations per layer vs learning rate", fontsize=9)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def participation_vs_lr(results: Results, path: str) -> None:
+    layers = _layers(results)
+    relus = [str(n) for n in next(iter(results.values()))["relu_layers"]]
+    fig = Figure(figsize=(12, 3.6))
+    axes = fig.subplots(1, 3)
+    _per_layer_vs_lr(axes[0], results, layers, "pr_over_n", "participation ratio / N")
+    _per_layer_vs_lr(axes[1], results, relus, "dead_fraction",
+                     "dead fraction (active < threshold)", log=False)
+    _per_layer_vs_lr(axes[2], results, relus, "mean_active_fraction", "mean active fraction",
+                     log=False)
+    axes[0].legend(fontsize=7)
+    axes[1].legend(fontsize=7)
+    fig.suptitle("participating neurons vs learning rate (final window; dead/active: ReLU layers)",
+                 fontsize=9)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def loss(results: Results, path: str) -> None:
+    colors = _colors(results)
+    fig = Figure(figsize=(6.5, 4))
+    ax = fig.subplots()
+    for lr in sorted(results, reverse=True):
+        res = results[lr]
+        ax.plot(res["history/epoch"], res["history/test_loss"], color=colors[lr], lw=1.3,
+                label=f"lr {lr:g} test")
+        ax.plot(res["history/epoch"], res["history/train_loss"], color=colors[lr], lw=0.8,
+                ls="--", label=f"lr {lr:g} train")
+    _log_y(ax)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("reconstruction MSE")
+    ax.legend(fontsize=7, ncol=2)
+    ax.set_title("reconstruction loss over training", fontsize=9)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def write_all(results: Results, out_dir: str) -> list[str]:
+    """Every figure of FIGURES into out_dir; returns their paths."""
+    paths = []
+    for name, draw in zip(FIGURES, (reconstructions, fluctuations, spread_vs_lr,
+                                    participation_vs_lr, loss)):
+        path = os.path.join(out_dir, name)
+        draw(results, path)
+        paths.append(path)
+    return paths

@@ -1,0 +1,283 @@
+"""`lrfluct reproduce`: the learning-rate experiment of arXiv 2511.10435, end to end.
+
+Owns the command's options, their validation, the output folder (config, resume, atomic
+per-lr results) and the order of the work: data -> one model per lr -> figures -> report.
+Training, figures and the report belong to train.py, plots.py and report.py.
+
+The experiment: an autoencoder trained on the eight-shapes dataset at learning rates
+1e-2, 1e-3, 1e-4 (same seed, same initial weights, same batch order for each), every
+Linear / Conv2d layer monitored (activations, gradients, weight and bias fluctuations);
+the report compares the spread of the spread and the participating neurons with the
+reconstruction quality.
+
+Defaults, chosen where the paper's text was not available, all options:
+  data       1024 training + 256 test images, 32 x 32 (shapes.py for the generator)
+  model      MLP autoencoder 1024-256-64-16-64-256-1024, ReLU hidden, sigmoid output
+  training   Adam, batch 64, MSE; 100 epochs so the default run takes about 2-3 minutes
+             on 2 CPU cores (the paper's window is 1000 epochs: `--epochs 1000`)
+  statistics per-epoch windows (`--window 1`); the report uses the last one
+  monitor    `fused` = lrfluct_fast.instrument; `hooks` = the hook-based baseline
+  device     cpu (the model is small; `--device cuda` when wanted)
+
+Output folder (`--out`, default runs/reproduce): config.json, lr_<lr>.npz per learning rate
+(written atomically as soon as that lr finishes; keys in train.py), five PNGs and
+report.md. Re-running with the same config skips the lrs already saved; a different config
+is refused unless `--overwrite`, which deletes this command's files (and only those) first.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+
+import numpy as np
+
+from .autoencoder import ARCHS, DEFAULT_LATENT, DEFAULT_WIDTHS
+from .train import MONITORS, OPTIMIZERS
+
+DEFAULT_LRS = (1e-2, 1e-3, 1e-4)
+DEFAULT_EPOCHS = 100
+CONFIG = "config.json"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.description = ("Train the paper's autoencoder on eight synthetic shapes at several "
+                     "learning rates with every layer monitored; write per-lr statistics "
+                     "(npz), figures and report.md to --out.")
+    p.add_argument("--lrs", type=float, nargs="+", default=list(DEFAULT_LRS), metavar="LR",
+                   help="learning rates (default: 1e-2 1e-3 1e-4)")
+    p.add_argument("--epochs", type=int, default=DEFAULT_EPOCHS,
+                   help=f"epochs per learning rate (default {DEFAULT_EPOCHS}, about 2-3 "
+                        f"minutes on 2 CPU cores; the paper's window is --epochs 1000)")
+    p.add_argument("--out", default=os.path.join("runs", "reproduce"),
+                   help="output folder (default runs/reproduce); re-running with the same "
+                        "config resumes")
+    p.add_argument("--overwrite", action="store_true",
+                   help="delete this command's files in --out first, whatever their config")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="default cpu")
+    p.add_argument("--monitor", choices=MONITORS, default="fused",
+                   help="fused: lrfluct_fast.instrument (default); hooks: the hook baseline")
+    p.add_argument("--seed", type=int, default=0, help="data, initial weights, batch order")
+    g = p.add_argument_group("data")
+    g.add_argument("--image-size", type=int, default=32, help="image side in pixels (default 32)")
+    g.add_argument("--samples", type=int, default=1024, help="training images (default 1024)")
+    g.add_argument("--test-samples", type=int, default=256, help="test images (default 256)")
+    g.add_argument("--jitter", type=float, default=0.12,
+                   help="max centre offset, fraction of the side (default 0.12)")
+    g.add_argument("--scale-range", type=float, nargs=2, default=[0.2, 0.35], metavar=("LO", "HI"),
+                   help="shape radius range, fraction of the side (default 0.2 0.35)")
+    g.add_argument("--rotation", action=argparse.BooleanOptionalAction, default=True,
+                   help="random rotation (default on)")
+    g.add_argument("--noise", type=float, default=0.0, help="Gaussian pixel noise std (default 0)")
+    g = p.add_argument_group("model and training")
+    g.add_argument("--arch", choices=ARCHS, default="mlp", help="default mlp")
+    g.add_argument("--widths", type=int, nargs="+", default=None, metavar="W",
+                   help="hidden widths (mlp, default 256 64) or channels (conv, default 16 32)")
+    g.add_argument("--latent", type=int, default=DEFAULT_LATENT,
+                   help=f"bottleneck width (default {DEFAULT_LATENT})")
+    g.add_argument("--batch-size", type=int, default=64, help="default 64")
+    g.add_argument("--optimizer", choices=OPTIMIZERS, default="adam", help="default adam")
+    g.add_argument("--window", type=int, default=1,
+                   help="epochs per statistics window (default 1); the report uses the last")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def lr_filename(lr: float) -> str:
+    return f"lr_{lr:g}.npz"
+
+
+def make_config(args) -> dict:
+    """Validated, JSON-normal config of everything that changes the results."""
+    from ..cli import UsageError
+
+    lrs = [float(lr) for lr in args.lrs]
+    for lr in lrs:
+        if not (math.isfinite(lr) and lr > 0):
+            raise UsageError(f"--lrs: learning rates must be finite and > 0, got {lr:g}")
+    names = [lr_filename(lr) for lr in lrs]
+    if len(set(names)) != len(names):
+        raise UsageError("--lrs: learning rates must be distinct (to 6 significant digits)")
+    for name in ("epochs", "samples", "test_samples", "batch_size", "window", "latent"):
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.image_size < 4:
+        raise UsageError(f"--image-size must be >= 4, got {args.image_size}")
+    widths = list(DEFAULT_WIDTHS[args.arch] if args.widths is None else args.widths)
+    if min(widths) < 1:
+        raise UsageError(f"--widths must all be >= 1, got {widths}")
+    if args.arch == "conv" and args.image_size % 2 ** len(widths):
+        raise UsageError(f"--arch conv with {len(widths)} widths needs --image-size divisible "
+                         f"by {2 ** len(widths)}, got {args.image_size}")
+    if not 0 <= args.jitter < 0.5:
+        raise UsageError(f"--jitter must be in [0, 0.5), got {args.jitter:g}")
+    lo, hi = args.scale_range
+    if not 0 < lo <= hi:
+        raise UsageError(f"--scale-range needs 0 < LO <= HI, got {lo:g} {hi:g}")
+    if not (math.isfinite(args.noise) and args.noise >= 0):
+        raise UsageError(f"--noise must be >= 0, got {args.noise:g}")
+    if args.device == "cuda":
+        import torch
+        if not torch.cuda.is_available():
+            raise UsageError("--device cuda: CUDA is not available (torch "
+                             f"{torch.__version__}); use --device cpu")
+    config = {
+        "lrs": lrs, "epochs": args.epochs, "seed": args.seed, "device": args.device,
+        "monitor": args.monitor, "image_size": args.image_size, "samples": args.samples,
+        "test_samples": args.test_samples, "jitter": args.jitter,
+        "scale_range": [float(lo), float(hi)], "rotation": bool(args.rotation),
+        "noise": args.noise, "arch": args.arch, "widths": widths, "latent": args.latent,
+        "batch_size": args.batch_size, "optimizer": args.optimizer, "window": args.window,
+    }
+    return json.loads(json.dumps(config))
+
+
+def _atomic_write_bytes(path: str, write) -> None:
+    tmp = f"{path}.tmp"
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def save_result(path: str, result: dict) -> None:
+    _atomic_write_bytes(path, lambda f: np.savez(f, **result))
+
+
+def load_result(path: str) -> dict[str, np.ndarray]:
+    with np.load(path, allow_pickle=False) as z:
+        return {k: z[k] for k in z.files}
+
+
+def our_files(out: str) -> list[str]:
+    """This command's files present in out (what --overwrite deletes)."""
+    from .plots import FIGURES
+
+    names = {CONFIG, "report.md", *FIGURES}
+    found = []
+    for name in sorted(os.listdir(out)):
+        if name in names or (name.startswith("lr_") and name.endswith(".npz")):
+            found.append(os.path.join(out, name))
+    return found
+
+
+def prepare_out(out: str, config: dict, overwrite: bool) -> None:
+    """Create out, check it holds nothing or a run of the same config, write config.json."""
+    from ..cli import UsageError
+
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise UsageError(f"--out {out} exists and is not a folder")
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"--out {out}: cannot create the folder ({e.strerror or e})") from None
+    cfg_path = os.path.join(out, CONFIG)
+    if overwrite:
+        for path in our_files(out):
+            os.remove(path)
+    elif os.path.exists(cfg_path):
+        try:
+            with open(cfg_path, encoding="utf-8") as f:
+                old = json.load(f)
+        except (OSError, ValueError):
+            old = None
+        if old != config:
+            diff = ("unreadable config.json" if not isinstance(old, dict) else ", ".join(
+                f"{k}: {old.get(k)!r} -> {config.get(k)!r}"
+                for k in sorted(set(old) | set(config)) if old.get(k) != config.get(k)))
+            raise UsageError(f"--out {out} holds a run with another config ({diff}); "
+                             f"use another --out or pass --overwrite")
+    elif os.listdir(out):
+        raise UsageError(f"--out {out} is not empty and holds no reproduce run; "
+                         f"use another --out or pass --overwrite")
+    text = json.dumps(config, indent=2) + "\n"
+    try:
+        _atomic_write_bytes(cfg_path, lambda f: f.write(text.encode()))
+    except OSError as e:
+        raise UsageError(f"--out {out}: cannot write there ({e.strerror or e})") from None
+
+
+def _finished(path: str, lr: float, config: dict):
+    """The saved result of lr if it is complete and matches the config, else None."""
+    if not os.path.exists(path):
+        return None
+    try:
+        res = load_result(path)
+        if float(res["lr"]) == lr and int(res["epochs"]) == config["epochs"]:
+            return res
+    except Exception:  # a truncated or foreign file: train this lr again
+        pass
+    return None
+
+
+def run(args) -> int:
+    import torch
+    from tqdm import tqdm
+
+    from ..cli import UsageError
+    from . import plots, report
+    from .autoencoder import build_autoencoder
+    from .shapes import make_shapes
+    from .train import MonitorUnavailable, resolve_monitor, train_autoencoder
+
+    config = make_config(args)
+    try:
+        factory = resolve_monitor(config["monitor"])
+    except MonitorUnavailable as e:
+        raise UsageError(f"--monitor {config['monitor']}: {e}") from None
+    out = args.out
+    prepare_out(out, config, args.overwrite)
+
+    results: dict[float, dict] = {}
+    todo = []
+    for lr in config["lrs"]:
+        res = _finished(os.path.join(out, lr_filename(lr)), lr, config)
+        if res is None:
+            todo.append(lr)
+        else:
+            results[lr] = res
+            print(f"lr {lr:g}: found {lr_filename(lr)}, skipped", file=sys.stderr)
+
+    if todo:
+        device = torch.device(config["device"])
+        data = {}
+        for split, n, seed in (("train", config["samples"], config["seed"]),
+                               ("test", config["test_samples"], config["seed"] + 1)):
+            images, labels = make_shapes(
+                n, config["image_size"], seed=seed, jitter=config["jitter"],
+                scale_range=tuple(config["scale_range"]), rotation=config["rotation"],
+                noise=config["noise"])
+            data[split] = (torch.from_numpy(images).to(device), labels)
+        bar = tqdm(total=config["epochs"] * len(todo), unit="epoch", desc="reproduce",
+                   disable=args.no_progress, file=sys.stderr, dynamic_ncols=True)
+        try:
+            for lr in todo:
+                torch.manual_seed(config["seed"])
+                model = build_autoencoder(config["arch"], config["image_size"],
+                                          config["widths"], config["latent"]).to(device)
+                res = train_autoencoder(
+                    model, data["train"][0], data["test"][0], data["test"][1], lr=lr,
+                    epochs=config["epochs"], batch_size=config["batch_size"],
+                    optimizer=config["optimizer"], window=config["window"],
+                    seed=config["seed"], monitor=factory, progress=bar)
+                path = os.path.join(out, lr_filename(lr))
+                save_result(path, res)
+                results[lr] = res
+                tqdm.write(f"lr {lr:g}: test MSE {float(res['final/test_loss']):.4g} "
+                           f"({float(res['wall_s']):.1f} s) -> {path}", file=sys.stderr)
+        finally:
+            bar.close()
+
+    ordered = {lr: results[lr] for lr in config["lrs"]}
+    t = time.perf_counter()
+    plots.write_all(ordered, out)
+    path = report.write_report(ordered, config, os.path.join(out, "report.md"))
+    print(f"figures and report ({time.perf_counter() - t:.1f} s): {path}")
+    return 0

@@ -1,0 +1,148 @@
+"""metrics: per-neuron spreads and layer metrics computed from summaries.
+
+Owns the definitions of the derived quantities (weight spread, spread of the spread,
+participation ratio, dead / participating neurons) and the conversion of the packed
+statistics the ops produce into the summary keys of DESIGN section 2. Pure numpy on host
+arrays; it owns no state and must not touch tensors, modules or the ops.
+
+Conventions: every result is float64; a quantity that is undefined (no observations, a zero
+denominator, a missing summary key) is nan rather than an exception.
+"""
+from __future__ import annotations
+
+from typing import Mapping
+
+import numpy as np
+
+ENERGIES = {"weight", "gradient", "activation"}
+
+# Rows of the packed statistics (same layout as the ops' batch_stats).
+_COUNT, _POSITIVE, _NONFINITE = 0, 1, 2
+_MEAN, _M2 = 0, 1
+
+
+def _f64(x) -> np.ndarray:
+    return np.asarray(x, dtype=np.float64)
+
+
+def weight_spread(temporal_var: np.ndarray) -> np.ndarray:
+    """spread_j = sqrt(mean over every dim but the first of temporal_var[j, ...]).
+
+    temporal_var has the weight's shape: [N, in] (Linear) or [N, in, k...] (ConvNd).
+    An element with no finite observation has nan temporal var and makes its neuron nan.
+    """
+    tv = _f64(temporal_var)
+    if tv.ndim == 0:
+        raise ValueError("temporal_var must have at least one dim (neurons first)")
+    with np.errstate(invalid="ignore"):
+        return np.sqrt(tv.reshape(tv.shape[0], -1).mean(axis=1))
+
+
+def spread_of_spread(spread) -> float:
+    """Population std over neurons of spread (nan when there are no neurons)."""
+    s = _f64(spread).ravel()
+    return float(s.std()) if s.size else float("nan")
+
+
+def spread_cv(spread) -> float:
+    """Coefficient of variation of spread: spread_of_spread / mean (nan when the mean is 0)."""
+    s = _f64(spread).ravel()
+    if s.size == 0:
+        return float("nan")
+    mean = s.mean()
+    return float(s.std() / mean) if mean != 0 else float("nan")
+
+
+def participation_ratio(v) -> float:
+    """PR = (sum v)^2 / sum v^2, between 1 and N for non-negative v.
+
+    N equal energies give N, a single non-zero energy gives 1. nan when there are no values
+    or sum v^2 is 0.
+    """
+    v = _f64(v).ravel()
+    if v.size == 0:
+        return float("nan")
+    s2 = np.square(v).sum()
+    return float(v.sum() ** 2 / s2) if s2 != 0 else float("nan")
+
+
+def _energy(summary: Mapping[str, np.ndarray], energy: str):
+    if energy == "weight":
+        spread = summary.get("weight.spread")
+        return None if spread is None else np.square(_f64(spread))
+    key = {"gradient": "gradient.var", "activation": "activation.var"}[energy]
+    return summary.get(key)
+
+
+def layer_metrics(summary: Mapping[str, np.ndarray], *, dead_threshold: float = 0.01,
+                  energy: str = "weight") -> dict[str, float]:
+    """Layer metrics from one layer's summary (a mapping of the DESIGN summary keys).
+
+    - spread_of_spread: population std over neurons of spread_j = summary["weight.spread"].
+    - spread_cv: spread_of_spread / mean_j spread_j (nan when the mean is 0).
+    - participation_ratio: PR of the energies v_j: spread_j^2 (energy="weight", default),
+      summary["gradient.var"] (energy="gradient") or summary["activation.var"]
+      (energy="activation").
+    - dead_count: neurons whose activation.active_fraction < dead_threshold, among the
+      observed neurons (a neuron with no finite observation has active fraction nan and is
+      neither dead nor counted in mean_active_fraction).
+    - dead_fraction: dead_count / N, N = all neurons of the layer.
+    - participating_count: N - dead_count.
+    - mean_active_fraction: mean active fraction over the observed neurons.
+    The dead / active metrics are nan when no neuron is observed. A missing key (e.g.
+    activations not tracked) makes the metrics that need it nan; this function never raises
+    for missing data (only for an unknown `energy`).
+    """
+    if energy not in ENERGIES:
+        raise ValueError(f"energy must be one of {sorted(ENERGIES)}, got {energy!r}")
+    nan = float("nan")
+    out = dict.fromkeys(("spread_of_spread", "spread_cv", "participation_ratio", "dead_fraction",
+                         "mean_active_fraction", "dead_count", "participating_count"), nan)
+
+    spread = summary.get("weight.spread")
+    if spread is not None:
+        out["spread_of_spread"] = spread_of_spread(spread)
+        out["spread_cv"] = spread_cv(spread)
+    v = _energy(summary, energy)
+    if v is not None:
+        out["participation_ratio"] = participation_ratio(v)
+
+    active = summary.get("activation.active_fraction")
+    if active is not None:
+        active = _f64(active).ravel()
+        observed = active[np.isfinite(active)]
+        if observed.size:
+            dead = float(np.count_nonzero(observed < dead_threshold))
+            out["dead_count"] = dead
+            out["dead_fraction"] = dead / active.size
+            out["participating_count"] = float(active.size) - dead
+            out["mean_active_fraction"] = float(observed.mean())
+    return out
+
+
+def summarize_stats(prefix: str, counts: np.ndarray, moments: np.ndarray) -> dict[str, np.ndarray]:
+    """Packed statistics -> summary keys `{prefix}.count/.mean/.var/.nonfinite`.
+
+    counts int [3, N]: finite count, count of finite x > 0, non-finite count;
+    moments [2, N]: mean and M2 (sum of squared deviations) of the finite values.
+    var is the population variance M2 / count. mean and var are nan where count is 0.
+    For prefix "activation" also `.active_fraction` = positive / count (nan where count is 0).
+    Counts come back int64, the rest float64.
+    """
+    counts = np.asarray(counts).astype(np.int64, copy=False)
+    moments = _f64(moments)
+    if counts.ndim != 2 or counts.shape[0] != 3 or moments.shape != (2, counts.shape[1]):
+        raise ValueError(f"expected counts [3, N] and moments [2, N], "
+                         f"got {list(counts.shape)} and {list(moments.shape)}")
+    n = counts[_COUNT]
+    seen = n > 0
+    denom = np.where(seen, n, 1).astype(np.float64)
+    out = {
+        f"{prefix}.count": n.copy(),
+        f"{prefix}.mean": np.where(seen, moments[_MEAN], np.nan),
+        f"{prefix}.var": np.where(seen, moments[_M2] / denom, np.nan),
+        f"{prefix}.nonfinite": counts[_NONFINITE].copy(),
+    }
+    if prefix == "activation":
+        out[f"{prefix}.active_fraction"] = np.where(seen, counts[_POSITIVE] / denom, np.nan)
+    return out

@@ -1,0 +1,58 @@
+"""Statistics ops of the `lrfluct` namespace: one file per op (reference, torch fallback,
+registration), C++ CPU kernels in csrc/, registered here for the devices they serve.
+
+Call them through `torch.ops.lrfluct.<op>` or the functions below: the dispatcher picks the
+kernel by device (C++ on CPU when built, plain torch otherwise).
+"""
+from __future__ import annotations
+
+import torch
+
+from . import batch_stats as _batch_stats
+from . import merge_stats as _merge_stats
+from . import temporal_update as _temporal_update
+from ._library import COUNT, LIB, M2, MEAN, NONFINITE, POSITIVE, SHIFT, check, mean_of, moments_dtype
+from .batch_stats import batch_stats_reference, batch_stats_torch
+from .merge_stats import merge_stats_torch
+from .temporal_update import new_state, temporal_stats, temporal_stats_reference, temporal_update_torch
+
+TORCH_IMPLS = {
+    "batch_stats": batch_stats_torch,
+    "merge_stats": merge_stats_torch,
+    "temporal_update": temporal_update_torch,
+}
+CHECKS = {
+    "batch_stats": _batch_stats.check_args,
+    "merge_stats": _merge_stats.check_args,
+    "temporal_update": _temporal_update.check_args,
+}
+
+
+def register_torch_fallback(device_type: str) -> None:
+    """Serve `device_type` tensors with the plain-torch implementations."""
+    for name, fn in TORCH_IMPLS.items():
+        LIB.impl(name, fn, device_type.upper())
+
+
+def batch_stats(x: torch.Tensor):
+    return torch.ops.lrfluct.batch_stats(x)
+
+
+def merge_stats(counts, moments, batch_counts, batch_moments) -> None:
+    torch.ops.lrfluct.merge_stats(counts, moments, batch_counts, batch_moments)
+
+
+def temporal_update(values, counts, moments) -> None:
+    # An empty list carries no tensor to dispatch on: refuse it here, with the others' message.
+    check(len(values) > 0, "values must be a non-empty list of tensors")
+    torch.ops.lrfluct.temporal_update(list(values), list(counts), list(moments))
+
+
+__all__ = [
+    "COUNT", "POSITIVE", "NONFINITE", "MEAN", "M2", "SHIFT", "mean_of", "moments_dtype",
+    "new_state", "temporal_stats",
+    "batch_stats", "merge_stats", "temporal_update",
+    "batch_stats_reference", "temporal_stats_reference",
+    "batch_stats_torch", "merge_stats_torch", "temporal_update_torch",
+    "TORCH_IMPLS", "CHECKS", "register_torch_fallback",
+]

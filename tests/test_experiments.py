@@ -1,0 +1,241 @@
+"""The learning-rate experiment: dataset, models, the `reproduce` command end to end.
+
+Runs are tiny (8 x 8 images, a few dozen samples, 2 epochs) so the whole file stays fast.
+The end-to-end runs use the fused monitor when lrfluct_fast.instrument exists, else the hook
+baseline (the command's behaviour does not depend on which).
+"""
+from __future__ import annotations
+
+import os
+import re
+
+import numpy as np
+import pytest
+import torch
+
+import lrfluct_fast as lf
+from lrfluct_fast import cli
+from lrfluct_fast.experiments import reproduce
+from lrfluct_fast.experiments.autoencoder import build_autoencoder, monitored_layers, relu_layers
+from lrfluct_fast.experiments.plots import FIGURES
+from lrfluct_fast.experiments.shapes import CLASSES, make_shapes, render
+from lrfluct_fast.experiments.train import train_autoencoder
+
+HAS_FUSED = hasattr(lf, "instrument")
+MONITOR = "fused" if HAS_FUSED else "hooks"
+TINY = ["--epochs", "2", "--image-size", "8", "--samples", "32", "--test-samples", "16",
+        "--batch-size", "8", "--widths", "16", "8", "--latent", "4", "--no-progress",
+        "--monitor", MONITOR]
+LRS = ["--lrs", "1e-2", "1e-3"]
+
+
+# -- dataset ---------------------------------------------------------------------------------
+def test_shapes_deterministic_for_a_seed():
+    a, la = make_shapes(40, 16, seed=3, noise=0.05)
+    b, lb = make_shapes(40, 16, seed=3, noise=0.05)
+    c, _ = make_shapes(40, 16, seed=4, noise=0.05)
+    assert a.shape == (40, 1, 16, 16) and a.dtype == np.float32 and la.dtype == np.int64
+    np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(la, lb)
+    assert not np.array_equal(a, c)
+    assert a.min() >= 0 and a.max() <= 1
+
+
+def test_shapes_all_eight_classes_balanced():
+    _, labels = make_shapes(83, 8, seed=0)
+    counts = np.bincount(labels, minlength=8)
+    assert len(CLASSES) == 8 and counts.min() >= 10 and counts.max() <= 11
+
+
+def test_shapes_distinct():
+    # same pose for every class: any two must differ on a visible part of the image
+    images = render(np.arange(8), 16, 16, 12, 0.0, 32)
+    for i in range(8):
+        assert images[i].mean() > 0.1, CLASSES[i]
+        for j in range(i):
+            assert np.abs(images[i] - images[j]).mean() > 0.02, (CLASSES[i], CLASSES[j])
+
+
+def test_shapes_stay_in_frame_and_options_apply():
+    plain, _ = make_shapes(16, 16, seed=1, jitter=0.0, rotation=False)
+    rotated, _ = make_shapes(16, 16, seed=1, jitter=0.0, rotation=True)
+    assert not np.array_equal(plain, rotated)
+    # the default jitter and scale range keep every shape off the border
+    images, _ = make_shapes(200, 32, seed=2)
+    border = np.concatenate([images[:, 0, 0], images[:, 0, -1], images[:, 0, :, 0], images[:, 0, :, -1]])
+    assert border.max() < 0.5
+
+
+# -- models ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("arch", ["mlp", "conv"])
+def test_autoencoder_shapes_and_layer_names(arch):
+    torch.manual_seed(0)
+    model = build_autoencoder(arch, 16, latent=4)
+    x = torch.rand(3, 1, 16, 16)
+    y = model(x)
+    assert y.shape == x.shape and 0 <= y.min() and y.max() <= 1
+    layers = monitored_layers(model)
+    assert layers[0].startswith("encoder.") and layers[-1] == "decoder.out"
+    relus = relu_layers(model)
+    assert relus and set(relus) < set(layers) and "decoder.out" not in relus
+    assert "encoder.latent" in layers and "encoder.latent" not in relus
+
+
+# -- the command -----------------------------------------------------------------------------
+def _run(capsys, *argv):
+    code = cli.main(["reproduce", *argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def _table_rows(text: str, first_header: str) -> list[list[str]]:
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(f"| {first_header} |"))
+    rows = []
+    for line in lines[start + 2:]:
+        if not line.startswith("|"):
+            break
+        rows.append([c.strip() for c in line.strip("|").split("|")])
+    return rows
+
+
+def _close(text: str, value) -> bool:
+    value = float(value)
+    if text == "nan":
+        return not np.isfinite(value)
+    return np.isclose(float(text), value, rtol=1e-3, atol=0)
+
+
+def test_reproduce_writes_every_artifact_and_a_consistent_report(tmp_path, capsys):
+    out = tmp_path / "run"
+    code, _, err = _run(capsys, *TINY, *LRS, "--out", str(out))
+    assert code == 0, err
+    for name in ("config.json", "report.md", "lr_0.01.npz", "lr_0.001.npz", *FIGURES):
+        assert (out / name).stat().st_size > 0, name
+    assert not [p for p in os.listdir(out) if p.endswith(".tmp")]
+
+    res = {lr: reproduce.load_result(str(out / f"lr_{lr:g}.npz")) for lr in (1e-2, 1e-3)}
+    layers = [str(n) for n in res[1e-2]["layers"]]
+    assert res[1e-2]["history/train_loss"].shape == (2,)
+    assert res[1e-2][f"history/{layers[0]}/weight.spread"].shape == (2, 16)
+    assert int(res[1e-2][f"summary/{layers[0]}/steps"]) == 4  # last window: one epoch, 32 / 8
+
+    text = (out / "report.md").read_text()
+    assert "reproduce --lrs 0.01 0.001 --epochs 2" in text
+    rows = _table_rows(text, "lr")
+    assert [r[0] for r in rows] == ["0.01", "0.001"]
+    for r in rows:
+        assert _close(r[1], res[float(r[0])]["final/test_loss"])
+        assert _close(r[2], res[float(r[0])]["final/train_loss"])
+    layer_rows = _table_rows(text, "lr | layer")
+    assert len(layer_rows) == 2 * len(layers)
+    for lr_text, layer, _relu, n, pr, _pr_n, dead, _active, _spread, sos, *_ in layer_rows:
+        r = res[float(lr_text)]
+        assert int(n) == r[f"summary/{layer}/weight.spread"].size
+        assert _close(pr, r[f"metrics/{layer}/participation_ratio"])
+        assert _close(dead, r[f"metrics/{layer}/dead_fraction"])
+        assert _close(sos, r[f"metrics/{layer}/spread_of_spread"])
+        # the saved metric is the spread of the saved spreads
+        assert _close(sos, np.std(r[f"summary/{layer}/weight.spread"]))
+    assert re.search(r"\*\*(Agrees|Does not agree|Cannot tell)\*\*", text)
+
+
+def test_reproduce_resumes_and_survives_an_interrupt(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "run"
+    from lrfluct_fast.experiments import train
+    real = train.train_autoencoder
+    calls = []
+
+    def interrupted_on_second(*args, **kwargs):
+        calls.append(kwargs["lr"])
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train, "train_autoencoder", interrupted_on_second)
+    code, _, err = _run(capsys, *TINY, *LRS, "--out", str(out))
+    assert code == 130
+    assert (out / "lr_0.01.npz").exists() and not (out / "lr_0.001.npz").exists()
+    assert not [p for p in os.listdir(out) if p.endswith(".tmp")]
+    first = (out / "lr_0.01.npz").read_bytes()
+
+    calls.clear()
+    code, _, err = _run(capsys, *TINY, *LRS, "--out", str(out))
+    assert code == 0, err
+    assert calls == [1e-3]  # the finished lr is skipped
+    assert "lr 0.01: found lr_0.01.npz, skipped" in err
+    assert (out / "lr_0.01.npz").read_bytes() == first
+    assert (out / "report.md").exists()
+
+
+def test_reproduce_refuses_another_config_and_bad_arguments(tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.json").write_text('{"epochs": 5}\n')
+    code, _, err = _run(capsys, *TINY, *LRS, "--out", str(out))
+    assert code == 2
+    assert err.count("\n") == 1 and "another config" in err and "--overwrite" in err
+    assert "epochs: 5 -> 2" in err
+
+    (tmp_path / "stray").mkdir()
+    (tmp_path / "stray" / "notes.txt").write_text("mine")
+    code, _, err = _run(capsys, *TINY, *LRS, "--out", str(tmp_path / "stray"))
+    assert code == 2 and "not empty" in err
+
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    bad = [
+        ["--lrs", "0"], ["--lrs", "-0.001"], ["--lrs", "nan"], ["--lrs", "1e-3", "0.001"],
+        ["--epochs", "0"], ["--batch-size", "0"], ["--scale-range", "0.3", "0.2"],
+        ["--out", str(a_file)], ["--out", str(a_file / "sub")],
+        ["--arch", "conv", "--image-size", "10"],
+    ]
+    if not torch.cuda.is_available():
+        bad.append(["--device", "cuda"])
+    for extra in bad:
+        argv = [*TINY, "--out", str(tmp_path / "fresh"), *extra]
+        code, _, err = _run(capsys, *argv)
+        assert code == 2, (extra, err)
+        assert err.count("\n") == 1 and "Traceback" not in err, (extra, err)
+    assert not (tmp_path / "fresh").exists()
+
+
+def test_reproduce_overwrite_replaces_a_run(tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.json").write_text('{"epochs": 5}\n')
+    (out / "lr_0.5.npz").write_bytes(b"stale")
+    (out / "notes.txt").write_text("mine")
+    code, _, err = _run(capsys, *TINY, "--lrs", "1e-2", "--epochs", "1", "--overwrite",
+                        "--out", str(out))
+    assert code == 0, err
+    assert not (out / "lr_0.5.npz").exists() and (out / "notes.txt").read_text() == "mine"
+    assert (out / "lr_0.01.npz").exists()
+    assert "needs at least two learning rates" in (out / "report.md").read_text()
+
+
+# -- agreement with the float64 snapshot reference -------------------------------------------
+def _train(monitor):
+    torch.manual_seed(0)
+    images, labels = make_shapes(24, 8, seed=0)
+    images = torch.from_numpy(images)
+    model = build_autoencoder("mlp", 8, widths=(12, 6), latent=3)
+    return train_autoencoder(model, images, images[:8], labels[:8], lr=1e-2, epochs=2,
+                             batch_size=8, window=2, monitor=monitor)
+
+
+@pytest.mark.parametrize("monitor", [
+    pytest.param("fused", marks=pytest.mark.skipif(
+        not HAS_FUSED, reason="lrfluct_fast.instrument is not available yet")),
+    "hooks",
+])
+def test_run_statistics_match_the_snapshot_reference(monitor):
+    pytest.importorskip("lrfluct_fast.baselines")
+    ref, got = _train("snapshot"), _train(monitor)
+    np.testing.assert_allclose(got["history/train_loss"], ref["history/train_loss"], rtol=1e-5)
+    keys = [k for k in ref if k.startswith("summary/")]
+    assert keys and set(keys) <= set(got)
+    for key in keys:
+        r, g = np.asarray(ref[key], dtype=np.float64), np.asarray(got[key], dtype=np.float64)
+        scale = np.nanmax(np.abs(r)) if np.isfinite(r).any() else 0.0
+        np.testing.assert_allclose(g, r, rtol=1e-3, atol=1e-6 * scale, err_msg=key)

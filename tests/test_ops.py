@@ -1,0 +1,267 @@
+"""Every statistics op on every backend against the float64 reference.
+
+Accuracy rule (as flash-attention's): a backend's error against float64 on the same input is at
+most twice the error of torch.var_mean in the same dtype, plus 4 float32 ulps (64 float64 ulps
+for float64 input) of the data's scale: |mean| + std for the mean, var for the variance.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from backends import call
+from lrfluct_fast import ops
+from lrfluct_fast.ops import COUNT, M2, MEAN, NONFINITE, POSITIVE, mean_of
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+SHAPES = [
+    (1, 1),
+    (1, 17),      # one row: var 0
+    (33, 1),      # one column: all work in the row direction
+    (37, 300),    # primes: no block size divides them
+    (0, 5),       # no rows
+    (1031, 517),  # more rows and columns than one task of the C++ kernel
+]
+
+
+def make_data(shape, dtype, kind, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g, dtype=torch.float64)
+    if kind == "offset":
+        x = x + 1e4 if dtype in (torch.float32, torch.float64) else x + 100  # fp16 tops out at 65504
+    if kind == "nonfinite" and x.numel():
+        r, n = shape
+        x[:, 0] = float("nan")                     # a column with no finite value
+        x[torch.arange(r) % 3 == 0, n // 2] = float("inf")
+        x[r // 2, -1] = float("-inf")
+        x[r - 1, n // 3] = float("nan")
+    return x.to(dtype)
+
+
+def ulps(dtype):
+    if dtype == torch.float64:
+        # Accumulators no wider than the data: the one-pass shifted sums of the C++ kernel lose
+        # ~5 bits against a two-pass float64 reference (measured: up to 31 ulps at 1031 rows).
+        return 64 * torch.finfo(torch.float64).eps
+    return 4 * torch.finfo(torch.float32).eps
+
+
+def torch_error(x):
+    """Error of torch.var_mean in x's dtype against float64, on x with non-finite values zeroed."""
+    clean = torch.where(torch.isfinite(x), x, 0)
+    var, mean = torch.var_mean(clean, dim=0, unbiased=False)
+    rvar, rmean = torch.var_mean(clean.double(), dim=0, unbiased=False)
+    return (mean.double() - rmean).abs().max().item(), (var.double() - rvar).abs().max().item()
+
+
+def assert_close_to_reference(counts, moments, x):
+    rc, rm = ops.batch_stats_reference(x)
+    assert counts.dtype == torch.int64 and torch.equal(counts, rc)
+    assert moments.dtype == ops.moments_dtype(x.dtype)
+    if x.shape[0] == 0:
+        assert not moments.any()
+        return
+    mean_err, var_err = torch_error(x)
+    n = rc[COUNT].clamp(min=1).double()
+    var, rvar = moments[M2].double() / n, rm[M2] / n
+    data_scale = (rm[MEAN].abs() + rvar.sqrt()).max().item()
+    tol_mean = 2 * mean_err + ulps(x.dtype) * data_scale
+    tol_var = 2 * var_err + ulps(x.dtype) * rvar.abs().max().item()
+    assert (mean_of(moments).double() - rm[MEAN]).abs().max().item() <= tol_mean
+    assert (var - rvar).abs().max().item() <= tol_var
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("kind", ["normal", "offset", "nonfinite"])
+def test_batch_stats(backend, dtype, shape, kind):
+    x = make_data(shape, dtype, kind)
+    counts, moments = call(backend, "batch_stats", x)
+    assert_close_to_reference(counts, moments, x)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_batch_stats_large(backend, dtype):
+    x = make_data((4096, 4096), dtype, "offset", seed=1)
+    assert_close_to_reference(*call(backend, "batch_stats", x), x)
+
+
+def test_batch_stats_counts(backend):
+    x = torch.tensor([[1.0, -1.0], [0.0, float("nan")], [2.0, float("inf")]])
+    counts, moments = call(backend, "batch_stats", x)
+    assert counts[COUNT].tolist() == [3, 1]
+    assert counts[POSITIVE].tolist() == [2, 0]   # +inf is not a finite positive
+    assert counts[NONFINITE].tolist() == [0, 2]
+    assert mean_of(moments).tolist() == [1.0, -1.0]
+
+
+def test_batch_stats_noncontiguous(backend):
+    x = make_data((40, 30), torch.float32, "normal").t()
+    assert_close_to_reference(*call(backend, "batch_stats", x), x)
+
+
+def empty_state(n, dtype=torch.float32):
+    return torch.zeros(3, n, dtype=torch.int64), torch.zeros(3, n, dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("kind", ["normal", "offset", "nonfinite"])
+def test_merge_equals_one_batch(backend, dtype, kind):
+    x = make_data((97, 41), dtype, kind, seed=2)
+    chunks = [x[:10], x[10:11], x[11:]]
+    results = []
+    for order in ([0, 1, 2], [2, 0, 1]):
+        counts, moments = empty_state(41, ops.moments_dtype(dtype))
+        for i in order:
+            call(backend, "merge_stats", counts, moments, *call(backend, "batch_stats", chunks[i]))
+        assert_close_to_reference(counts, moments, x)
+        results.append((counts, moments))
+    (_, first), (_, second) = results  # shifts may differ with the order; the statistics may not
+    torch.testing.assert_close(mean_of(first), mean_of(second), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(first[M2], second[M2], rtol=1e-5, atol=1e-6)
+
+
+def test_merge_empty_batch_leaves_state(backend):
+    x = make_data((20, 7), torch.float32, "normal")
+    counts, moments = call(backend, "batch_stats", x)
+    before = counts.clone(), moments.clone()
+    call(backend, "merge_stats", counts, moments, *call(backend, "batch_stats", x[:0]))
+    assert torch.equal(counts, before[0]) and torch.equal(moments, before[1])
+
+
+def weight_trajectory(shape, steps, dtype, seed=3):
+    """Weights near 0.3 that move ~1e-5 a step: fluctuations 4 orders below the value."""
+    g = torch.Generator().manual_seed(seed)
+    w0 = 0.3 + 0.05 * torch.randn(shape, generator=g, dtype=torch.float64)
+    walk = 1e-5 * torch.randn((steps, *shape), generator=g, dtype=torch.float64).cumsum(0)
+    return (w0 + walk).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+def test_temporal_update(backend, dtype):
+    shapes = [(7, 5), (13,), (3, 2, 3, 3)]
+    trajectories = [weight_trajectory(s, 25, dtype, seed=i) for i, s in enumerate(shapes)]
+    trajectories[0][4, 1, 2] = float("nan")   # one skipped observation
+    trajectories[1][:, 0] = float("inf")      # an element never finite
+    state_dtype = ops.moments_dtype(dtype)
+    states = [ops.new_state(t[0], state_dtype) for t in trajectories]
+    for step in range(25):
+        call(backend, "temporal_update", [t[step] for t in trajectories],
+             [s[0] for s in states], [s[1] for s in states])
+    for t, (counts, moments) in zip(trajectories, states):
+        rcount, rmean, rvar = ops.temporal_stats_reference(t)
+        count, mean, var = ops.temporal_stats(counts, moments)
+        assert torch.equal(count.long(), rcount)
+        seen = rcount > 0
+        torch.testing.assert_close(mean.double()[seen], rmean[seen], rtol=1e-6, atol=0)
+        # the fluctuation variance (~1e-10) itself must be right, not just tiny
+        torch.testing.assert_close(var.double()[seen], rvar[seen], rtol=1e-4, atol=0)
+
+
+def test_opcheck(backend):
+    if backend != "cpp":
+        pytest.skip("opcheck exercises the registered (dispatched) op")
+    call(backend, "batch_stats", torch.zeros(1, 1))  # skips when the extension is missing
+    x = make_data((37, 30), torch.float32, "nonfinite")
+    torch.library.opcheck(torch.ops.lrfluct.batch_stats.default, (x,))
+    torch.library.opcheck(torch.ops.lrfluct.batch_stats.default, (x.to(torch.bfloat16),))
+    counts, moments = torch.ops.lrfluct.batch_stats(x)
+    torch.library.opcheck(torch.ops.lrfluct.merge_stats.default,
+                          (*empty_state(30), counts, moments))
+    w = [torch.randn(4, 3), torch.randn(5)]
+    st = [ops.new_state(v) for v in w]
+    torch.library.opcheck(torch.ops.lrfluct.temporal_update.default,
+                          (w, [s[0] for s in st], [s[1] for s in st]))
+
+
+def test_compile():
+    def step(x, counts, moments):
+        bc, bm = ops.batch_stats(x * 2)
+        ops.merge_stats(counts, moments, bc, bm)
+
+    compiled = torch.compile(step, fullgraph=True)
+    x = make_data((16, 8), torch.float32, "normal")
+    eager, comp = empty_state(8), empty_state(8)
+    step(x, *eager)
+    compiled(x, *comp)
+    assert torch.equal(eager[0], comp[0])
+    torch.testing.assert_close(eager[1], comp[1])
+
+
+BAD_BATCH_STATS = [
+    (lambda: torch.zeros(3), "x must be a 2-D"),
+    (lambda: torch.zeros(2, 3, 4), "x must be a 2-D"),
+    (lambda: torch.zeros(2, 3, dtype=torch.int64), "x must be float16"),
+]
+
+
+@pytest.mark.parametrize("make, message", BAD_BATCH_STATS)
+def test_batch_stats_bad_input(backend, make, message):
+    with pytest.raises(ValueError, match=message):
+        call(backend, "batch_stats", make())
+
+
+def bad_merges():
+    c, m = empty_state(4)
+    bc, bm = empty_state(4)
+    yield (c[:2], m, bc, bm), "counts must"
+    yield (c.float(), m, bc, bm), "counts"
+    yield (c, m[:, :3], bc, bm), "moments must have shape"
+    yield (c, m.half(), bc, bm), "moments must have dtype"
+    yield (c, m, bc[:, :3], bm), "batch_counts must have shape"
+    yield (c, m, bc, bm.double()), "batch_moments must have dtype"
+    yield (c, torch.zeros(4, 3).t(), bc, bm), "moments must be contiguous"
+
+
+@pytest.mark.parametrize("case", range(7))
+def test_merge_bad_input_leaves_state(backend, case):
+    args, message = list(bad_merges())[case]
+    args[0].fill_(1) if args[0].dtype == torch.int64 else None
+    before = [a.clone() for a in args[:2]]
+    with pytest.raises(ValueError, match=message):
+        call(backend, "merge_stats", *args)
+    assert all(torch.equal(a, b) for a, b in zip(args[:2], before))
+
+
+def bad_temporal():
+    w = [torch.randn(3, 2), torch.randn(4)]
+    st = [ops.new_state(v) for v in w]
+    c, m = [s[0] for s in st], [s[1] for s in st]
+    yield ([], [], []), "values must be a non-empty list"
+    yield (w, c[:1], m), "same length"
+    yield ([w[0], w[1].long()], c, m), r"values\[1\] must be float16"
+    yield (w, [c[0], c[1].long()], m), r"counts\[1\]"
+    yield (w, c, [m[0], m[1][:2]]), r"moments\[1\] must have shape"
+    yield (w, c, [m[0], m[1].half()]), r"moments\[1\] must have dtype"
+
+
+@pytest.mark.parametrize("case", range(6))
+def test_temporal_bad_input_leaves_state(backend, case):
+    (values, counts, moments), message = list(bad_temporal())[case]
+    before = [t.clone() for t in counts + moments]
+    with pytest.raises(ValueError, match=message):
+        call(backend, "temporal_update", values, counts, moments)
+    assert all(torch.equal(a, b) for a, b in zip(counts + moments, before))
+
+
+def test_fallback_without_extension():
+    """Without the C++ extension the package imports, warns once and runs on torch ops."""
+    code = (
+        "import warnings, torch\n"
+        "with warnings.catch_warnings(record=True) as w:\n"
+        "    warnings.simplefilter('always')\n"
+        "    import lrfluct_fast as lf\n"
+        "    import lrfluct_fast\n"
+        "print(sum('C++ extension not available' in str(x.message) for x in w))\n"
+        "print(lf.backend('cpu'))\n"
+        "c, m = torch.ops.lrfluct.batch_stats(torch.tensor([[1.0], [3.0]]))\n"
+        "print(lf.ops.mean_of(m).item(), m[1].item())\n"
+    )
+    env = dict(os.environ, LRFLUCT_DISABLE_CPP="1")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         check=True).stdout.split()
+    assert out == ["1", "torch", "2.0", "2.0"]
