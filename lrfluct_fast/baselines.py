@@ -9,6 +9,9 @@ Two monitors with the Monitor's API (step, summary, metrics, reset, remove, laye
                  masked mean/M2 in float32 on the tensor's device, Chan-merged into running
                  float32 state (counts int64); weights and biases by Welford per element.
                  Memory is flat over steps.
+Both compute statistics with the package's plain-torch ops (ops.batch_stats_reference in
+float64 for the snapshot, ops.batch_stats_torch / merge_stats_torch for streaming): they
+share the definitions, never the fused kernels or the wrappers being benchmarked.
 
 They share everything but storage: hook registration, the [R, N] view of a layer's output,
 the counting rules and the summary assembly live in _HookMonitor; a subclass only says how
@@ -20,7 +23,7 @@ ops after the layer cannot alter it) and committed by a hook on the output tenso
 also receives dL/dz. So gradient accumulation counts every micro-batch, a forward whose
 backward never runs is not counted, and an activation-checkpoint recompute is counted once.
 This module owns its hooks and its statistics; it never modifies the model, its parameters
-or gradients, and does not use lrfluct_fast.ops (it is the independent baseline).
+or gradients.
 """
 from __future__ import annotations
 
@@ -28,7 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import metrics
+from . import metrics, ops
 
 SUPPORTED = (nn.Linear, nn.Conv1d, nn.Conv2d)
 KINDS = ("activation", "gradient", "weight", "bias")
@@ -42,34 +45,6 @@ def neuron_rows(module: nn.Module, t: torch.Tensor) -> torch.Tensor:
     spatial = len(module.kernel_size)
     channel_dim = 1 if t.dim() == spatial + 2 else 0
     return t.movedim(channel_dim, -1).reshape(-1, t.shape[channel_dim])
-
-
-def column_stats(x: torch.Tensor, dtype: torch.dtype):
-    """Two-pass masked statistics of the columns of x [R, N], accumulated in dtype.
-
-    Returns counts int64 [3, N] (finite, finite > 0, non-finite) and moments [2, N]
-    (mean, M2 of the finite values; 0 and 0 for a column without one).
-    """
-    finite = torch.isfinite(x)
-    xf = torch.where(finite, x.to(dtype), 0)
-    count = finite.sum(0)
-    mean = xf.sum(0) / count.clamp(min=1)
-    m2 = torch.where(finite, xf - mean, 0).square().sum(0)
-    positive = (finite & (x > 0)).sum(0)
-    return torch.stack([count, positive, x.shape[0] - count]), torch.stack([mean, m2])
-
-
-def chan_merge_(counts, moments, batch_counts, batch_moments) -> None:
-    """Merge a batch's (counts, moments) into running ones in place (Chan et al.)."""
-    na, nb = counts[0].double(), batch_counts[0].double()
-    # weights in float64: a float32 count loses integers past 2^24 rows
-    wb = nb / (na + nb).clamp(min=1)
-    wab = (na * wb).to(moments.dtype)
-    wb = wb.to(moments.dtype)
-    delta = batch_moments[0] - moments[0]
-    moments[0] += delta * wb
-    moments[1] += batch_moments[1] + delta.square() * wab
-    counts += batch_counts
 
 
 class _HookMonitor:
@@ -148,7 +123,7 @@ class _HookMonitor:
     def _packed(self, name: str, kind: str, size: int):
         stats = self._stats(name, kind)
         if stats is None:
-            return np.zeros((3, size), np.int64), np.zeros((2, size), np.float64)
+            return np.zeros((3, size), np.int64), np.zeros((3, size), np.float64)
         return stats[0].cpu().numpy(), stats[1].cpu().numpy()
 
     def _temporal_var(self, name: str, kind: str, size: int) -> np.ndarray:
@@ -186,7 +161,7 @@ class HookSnapshot(_HookMonitor):
 
     def _stats(self, name, kind):
         chunks = self._store.get((name, kind))
-        return column_stats(torch.cat(chunks), torch.float64) if chunks else None
+        return ops.batch_stats_reference(torch.cat(chunks)) if chunks else None
 
     def _clear(self):
         self._store: dict[tuple[str, str], list[torch.Tensor]] = {}
@@ -199,14 +174,14 @@ class HookStreaming(_HookMonitor):
     """Running float32 (count int64) statistics on the observed tensors' device."""
 
     def _capture(self, x):
-        return column_stats(x, torch.float32)
+        return ops.batch_stats_torch(x)
 
     def _commit(self, name, kind, captured):
         state = self._state.get((name, kind))
         if state is None:
             self._state[(name, kind)] = list(captured)
         else:
-            chan_merge_(*state, *captured)
+            ops.merge_stats_torch(*state, *captured)
 
     def _stats(self, name, kind):
         return self._state.get((name, kind))

@@ -16,9 +16,9 @@ import numpy as np
 
 ENERGIES = {"weight", "gradient", "activation"}
 
-# Rows of the packed statistics (same layout as the ops' batch_stats).
+# Rows of the packed statistics (same layout as lrfluct_fast.ops).
 _COUNT, _POSITIVE, _NONFINITE = 0, 1, 2
-_MEAN, _M2 = 0, 1
+_MEAN, _M2, _SHIFT = 0, 1, 2
 
 
 def _f64(x) -> np.ndarray:
@@ -124,22 +124,22 @@ def summarize_stats(prefix: str, counts: np.ndarray, moments: np.ndarray) -> dic
     """Packed statistics -> summary keys `{prefix}.count/.mean/.var/.nonfinite`.
 
     counts int [3, N]: finite count, count of finite x > 0, non-finite count;
-    moments [2, N]: mean and M2 (sum of squared deviations) of the finite values.
+    moments [3, N]: mean of (x - shift), M2 (sum of squared deviations) and shift.
     var is the population variance M2 / count. mean and var are nan where count is 0.
     For prefix "activation" also `.active_fraction` = positive / count (nan where count is 0).
     Counts come back int64, the rest float64.
     """
     counts = np.asarray(counts).astype(np.int64, copy=False)
     moments = _f64(moments)
-    if counts.ndim != 2 or counts.shape[0] != 3 or moments.shape != (2, counts.shape[1]):
-        raise ValueError(f"expected counts [3, N] and moments [2, N], "
+    if counts.ndim != 2 or counts.shape[0] != 3 or moments.shape != (3, counts.shape[1]):
+        raise ValueError(f"expected counts [3, N] and moments [3, N], "
                          f"got {list(counts.shape)} and {list(moments.shape)}")
     n = counts[_COUNT]
     seen = n > 0
     denom = np.where(seen, n, 1).astype(np.float64)
     out = {
         f"{prefix}.count": n.copy(),
-        f"{prefix}.mean": np.where(seen, moments[_MEAN], np.nan),
+        f"{prefix}.mean": np.where(seen, moments[_SHIFT] + moments[_MEAN], np.nan),
         f"{prefix}.var": np.where(seen, moments[_M2] / denom, np.nan),
         f"{prefix}.nonfinite": counts[_NONFINITE].copy(),
     }

@@ -74,9 +74,10 @@ def test_summarize_stats_matches_numpy():
     counts = np.array([[len(c) for c in cols],
                        [int((c > 0).sum()) for c in cols],
                        [1, 0, 2]])
-    moments = np.array([[c.mean() if len(c) else 0.0 for c in cols],
-                        [((c - c.mean()) ** 2).sum() if len(c) else 0.0 for c in cols]],
-                       dtype=np.float32)
+    shift = np.array([1.0, 0.5, 0.0])  # moments hold the mean of (x - shift)
+    moments = np.array([[c.mean() - s if len(c) else 0.0 for c, s in zip(cols, shift)],
+                        [((c - c.mean()) ** 2).sum() if len(c) else 0.0 for c in cols],
+                        shift], dtype=np.float32)
     s = metrics.summarize_stats("activation", counts, moments)
     assert set(s) == {"activation.count", "activation.mean", "activation.var",
                       "activation.nonfinite", "activation.active_fraction"}

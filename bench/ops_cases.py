@@ -1,0 +1,44 @@
+"""Op benchmark cases shared by the pytest-benchmark file and the runnable report.
+
+A case is (op, backend, shape, dtype) -> a zero-argument callable plus the bytes it moves.
+Bytes moved (read + written) is the GB/s convention for every op, a plain copy included, so a
+kernel's GB/s compares directly with the copy's: the machine's attainable bandwidth.
+"""
+from __future__ import annotations
+
+import torch
+
+from lrfluct_fast import ops
+
+SHAPES = [(1024, 1024), (4096, 4096), (4096, 8192)]
+BACKENDS = ["cpp", "torch", "reference"]
+OPS = ["batch_stats+merge", "temporal_update", "copy"]
+
+
+def _stats_state(n, dtype):
+    return torch.zeros(3, n, dtype=torch.int64), torch.zeros(3, n, dtype=ops.moments_dtype(dtype))
+
+
+def make_case(op: str, backend: str, shape, dtype=torch.float32):
+    """Returns (fn, bytes_moved) or None where the combination does not exist."""
+    x = torch.randn(shape).to(dtype)
+    es, numel = x.element_size(), x.numel()
+    if op == "copy":
+        dst = torch.empty_like(x)
+        return (lambda: dst.copy_(x)), 2 * numel * es
+    if op == "batch_stats+merge":
+        counts, moments = _stats_state(shape[1], dtype)
+        stats = {"cpp": ops.batch_stats, "torch": ops.batch_stats_torch,
+                 "reference": ops.batch_stats_reference}[backend]
+        merge = ops.merge_stats_torch if backend != "cpp" else ops.merge_stats
+        if backend == "reference":
+            counts, moments = _stats_state(shape[1], torch.float64)
+        return (lambda: merge(counts, moments, *stats(x))), numel * es
+    if op == "temporal_update":
+        if backend == "reference":
+            return None  # the reference of a trajectory needs all snapshots: not a streaming op
+        state = ops.new_state(x)
+        update = {"cpp": ops.temporal_update, "torch": ops.temporal_update_torch}[backend]
+        # read value, read+write count (int32) and three float32 moment rows
+        return (lambda: update([x], [state[0]], [state[1]])), numel * (es + 2 * 4 + 2 * 3 * 4)
+    raise ValueError(op)

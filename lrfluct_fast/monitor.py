@@ -1,0 +1,219 @@
+"""instrument() and Monitor: wrap a model's layers, step the weight statistics, read results.
+
+The Monitor owns the set of wrapped layers and their LayerStates, the step count and the
+options. It touches a model only by swapping supported modules' classes (instrument) and
+back (remove); it never changes parameters, gradients or the optimizer. The training-step
+path (forward, backward, step()) never synchronises with the host: summaries copy to the
+host only when asked for.
+
+Options (keyword arguments of `instrument`):
+  activations, gradients, weights, biases   what to track (all True)
+  every        observe one step in `every` (1): forwards/backwards of that step and the
+               weights after it; the others run the plain torch path
+  weight_mode  "element" (default): per-element temporal variance of every weight,
+               3 float32 + 1 int32 of state per weight; weight.spread_j is the RMS over
+               neuron j's incoming weights of their temporal std.
+               "neuron": O(neurons) memory; records each neuron's RMS incoming weight
+               r_j = sqrt(mean_i w_ji^2) per step, and weight.spread_j is the temporal std
+               of r_j. It sees changes of a neuron's weight scale, not rotations at
+               constant norm, so it is a different (smaller) number than the element mode's;
+               weight.temporal_var is absent.
+  dead_threshold  a neuron is dead when its active fraction is below this (0.01)
+  energy       the per-neuron energy of the participation ratio: "weight" (spread^2),
+               "gradient" (gradient var) or "activation" (activation var)
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import metrics, ops
+from .nn import WRAPPERS, LayerState, unsupported_reason
+
+_OPTION_DEFAULTS = dict(activations=True, gradients=True, weights=True, biases=True, every=1,
+                        weight_mode="element", dead_threshold=0.01, energy="weight")
+
+
+class Monitor:
+    """Per-neuron statistics of the layers `instrument` wrapped. See the module docstring."""
+
+    def __init__(self, layers: dict[str, nn.Module], originals: dict[str, type],
+                 skipped: list[tuple[str, str]], options: dict[str, Any]):
+        self.layers = layers
+        self._originals = originals
+        self.skipped = skipped
+        self.options = options
+        self.steps = 0
+        self._removed = False
+
+    def _states(self):
+        return [(name, m._lrfluct) for name, m in self.layers.items()]
+
+    # -- training-step path ---------------------------------------------------------------
+    @torch.no_grad()
+    def step(self) -> None:
+        """Call after optimizer.step(): records weights and biases (one multi-tensor call)."""
+        self._check_live()
+        sampled = self.steps % self.options["every"] == 0
+        self.steps += 1
+        if sampled:
+            values, counts, moments = [], [], []
+            for _, m in self.layers.items():
+                st: LayerState = m._lrfluct
+                if st.track["weight"]:
+                    values.append(st.weight_observation(m.weight))
+                    counts.append(st.buffers["weight.counts"])
+                    moments.append(st.buffers["weight.moments"])
+                if st.track["bias"]:
+                    values.append(m.bias.detach())
+                    counts.append(st.buffers["bias.counts"])
+                    moments.append(st.buffers["bias.moments"])
+            if values:
+                ops.temporal_update(values, counts, moments)
+        observe_next = self.steps % self.options["every"] == 0
+        for _, st in self._states():
+            st.sampling = observe_next
+
+    def reset(self) -> None:
+        """Start a new window: forget every statistic and the step count."""
+        self._check_live()
+        self.steps = 0
+        for _, st in self._states():
+            st.reset()
+            st.sampling = True
+
+    # -- results --------------------------------------------------------------------------
+    def summary(self) -> dict[str, dict[str, np.ndarray]]:
+        """{layer: {key: numpy array}} with the keys of DESIGN section 2."""
+        self._check_live()
+        host = {name: {k: t.cpu().numpy() for k, t in st.buffers.items()} for name, st in self._states()}
+        out = {}
+        for name, st in self._states():
+            b = host[name]
+            s: dict[str, np.ndarray] = {}
+            for kind in ("activation", "gradient"):
+                if st.track[kind]:
+                    s.update(metrics.summarize_stats(kind, b[f"{kind}.counts"], b[f"{kind}.moments"]))
+            if st.track["weight"]:
+                var = _temporal_var(b["weight.counts"], b["weight.moments"])
+                if st.weight_mode == "element":
+                    s["weight.temporal_var"] = var
+                    s["weight.spread"] = metrics.weight_spread(var)
+                else:
+                    s["weight.spread"] = np.sqrt(var)
+            if st.track["bias"]:
+                s["bias.spread"] = np.sqrt(_temporal_var(b["bias.counts"], b["bias.moments"]))
+            s["steps"] = np.array(self.steps, dtype=np.int64)
+            out[name] = s
+        return out
+
+    def metrics(self) -> dict[str, dict[str, float]]:
+        """{layer: {metric: float}}: spread_of_spread, spread_cv, participation_ratio, ..."""
+        return {name: metrics.layer_metrics(s, dead_threshold=self.options["dead_threshold"],
+                                            energy=self.options["energy"])
+                for name, s in self.summary().items()}
+
+    # -- persistence ----------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {"version": 1, "steps": self.steps, "options": dict(self.options),
+                "layers": {name: {k: t.clone() for k, t in st.buffers.items()}
+                           for name, st in self._states()}}
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        """Restore statistics saved by state_dict() into a Monitor of the same model and options."""
+        self._check_live()
+        if sd.get("version") != 1:
+            raise ValueError(f"unsupported monitor state version {sd.get('version')!r}")
+        if sd["options"] != self.options:
+            raise ValueError(f"monitor options differ: saved {sd['options']}, now {self.options}")
+        if set(sd["layers"]) != set(self.layers):
+            raise ValueError(f"monitored layers differ: saved {sorted(sd['layers'])}, "
+                             f"now {sorted(self.layers)}")
+        for name, st in self._states():
+            saved = sd["layers"][name]
+            for key, t in st.buffers.items():
+                if key not in saved or saved[key].shape != t.shape:
+                    raise ValueError(f"state of layer {name!r}: {key} missing or of another shape")
+        for name, st in self._states():
+            for key, t in st.buffers.items():
+                t.copy_(sd["layers"][name][key])
+        self.steps = int(sd["steps"])
+        for _, st in self._states():
+            st.sampling = self.steps % self.options["every"] == 0
+
+    def remove(self) -> None:
+        """Put the original torch modules back (same objects, trained parameters kept)."""
+        if self._removed:
+            return
+        for name, m in self.layers.items():
+            m.__class__ = self._originals[name]
+            del m._lrfluct
+        self._removed = True
+
+    def _check_live(self) -> None:
+        if self._removed:
+            raise RuntimeError("this Monitor was removed; call lf.instrument(model) again")
+
+    def __repr__(self) -> str:
+        return (f"Monitor({len(self.layers)} layers, {len(self.skipped)} skipped, "
+                f"steps={self.steps}, backend={_backend_name(self.layers)})")
+
+
+def _temporal_var(counts: np.ndarray, moments: np.ndarray) -> np.ndarray:
+    n = counts.astype(np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(n > 0, moments[ops.M2].astype(np.float64) / n, np.nan)
+
+
+def _backend_name(layers) -> str:
+    from ._backend import backend
+    devices = {p.device for m in layers.values() for p in m.parameters()}
+    return ",".join(sorted({backend(d) for d in devices})) or "none"
+
+
+def instrument(model: nn.Module, **options) -> Monitor:
+    """Wrap every nn.Linear / nn.Conv1d / nn.Conv2d of `model` in place; returns the Monitor.
+
+    Modules of other types (and supported types the fused path cannot serve) are left as
+    they are and listed in `monitor.skipped` as (name, reason). A module reachable under two
+    names is wrapped once, under its first name. Instrument after moving the model to its
+    device and dtype.
+    """
+    unknown = set(options) - set(_OPTION_DEFAULTS)
+    if unknown:
+        raise TypeError(f"instrument() got unknown options {sorted(unknown)}; "
+                        f"known: {sorted(_OPTION_DEFAULTS)}")
+    opts = {**_OPTION_DEFAULTS, **options}
+    if not isinstance(opts["every"], int) or opts["every"] < 1:
+        raise ValueError(f"every must be an integer >= 1, got {opts['every']!r}")
+    if opts["weight_mode"] not in ("element", "neuron"):
+        raise ValueError(f"weight_mode must be 'element' or 'neuron', got {opts['weight_mode']!r}")
+    if opts["energy"] not in metrics.ENERGIES:
+        raise ValueError(f"energy must be one of {sorted(metrics.ENERGIES)}, got {opts['energy']!r}")
+    layers, originals, skipped = {}, {}, []
+    for name, m in model.named_modules():
+        if hasattr(m, "_lrfluct"):
+            raise ValueError(f"module {name!r} is already instrumented; call remove() on its Monitor first")
+        entry = WRAPPERS.get(type(m))
+        if entry is None:
+            if any(True for _ in m.parameters(recurse=False)):
+                skipped.append((name, f"{type(m).__name__} is not supported"))
+            continue
+        reason = unsupported_reason(m)
+        if reason:
+            skipped.append((name, reason))
+            continue
+        wrapper, kind = entry
+        m._lrfluct = LayerState(kind, m.weight, m.bias, activations=opts["activations"],
+                                gradients=opts["gradients"], weights=opts["weights"],
+                                biases=opts["biases"], weight_mode=opts["weight_mode"])
+        originals[name] = type(m)
+        m.__class__ = wrapper
+        layers[name] = m
+    if not layers:
+        raise ValueError(f"nothing to monitor in {type(model).__name__}: it has no nn.Linear, "
+                         f"nn.Conv1d or nn.Conv2d layer (skipped: {skipped or 'none'})")
+    return Monitor(layers, originals, skipped, opts)

@@ -1,0 +1,66 @@
+"""LayerState: one monitored layer's running statistics, as device buffers.
+
+Owns the buffers (activation and gradient (counts, moments), weight and bias temporal state)
+and the merge of a backward's batch statistics into them. It never touches the module's
+parameters or gradients, and never synchronises with the host.
+"""
+from __future__ import annotations
+
+import torch
+
+from .. import ops
+
+
+def neuron_rows(module_kind: str, t: torch.Tensor) -> torch.Tensor:
+    """View a layer output (or its gradient) as [R, N]: neurons last, every other dim rows.
+
+    Linear: a view. ConvNd: channels (dim 1) moved last, which copies.
+    """
+    if module_kind == "linear":
+        return t.reshape(-1, t.shape[-1])
+    return t.movedim(1, -1).reshape(-1, t.shape[1])
+
+
+class LayerState:
+    """Running statistics of one layer. `kind` is "linear" or "conv"."""
+
+    def __init__(self, kind: str, weight: torch.Tensor, bias: torch.Tensor | None, *,
+                 activations: bool, gradients: bool, weights: bool, biases: bool,
+                 weight_mode: str):
+        self.kind = kind
+        self.neurons = weight.shape[0]
+        self.weight_mode = weight_mode
+        self.dtype = ops.moments_dtype(weight.dtype)
+        n, dev = self.neurons, weight.device
+        self.track = {"activation": activations, "gradient": gradients,
+                      "weight": weights, "bias": biases and bias is not None}
+        self.buffers: dict[str, torch.Tensor] = {}
+        for kind_ in ("activation", "gradient"):
+            if self.track[kind_]:
+                self.buffers[f"{kind_}.counts"] = torch.zeros(3, n, dtype=torch.int64, device=dev)
+                self.buffers[f"{kind_}.moments"] = torch.zeros(3, n, dtype=self.dtype, device=dev)
+        if self.track["weight"]:
+            counts, moments = ops.new_state(self.weight_observation(weight), self.dtype)
+            self.buffers["weight.counts"], self.buffers["weight.moments"] = counts, moments
+        if self.track["bias"]:
+            counts, moments = ops.new_state(bias, self.dtype)
+            self.buffers["bias.counts"], self.buffers["bias.moments"] = counts, moments
+        self.sampling = True  # observe this step's forwards and backwards (set by the Monitor)
+
+    def weight_observation(self, weight: torch.Tensor) -> torch.Tensor:
+        """What one step records of the weight: every element, or each neuron's RMS weight."""
+        w = weight.detach()
+        if self.weight_mode == "element":
+            return w
+        return w.reshape(self.neurons, -1).float().square().mean(1).sqrt()
+
+    def observing(self) -> bool:
+        return self.sampling and (self.track["activation"] or self.track["gradient"])
+
+    def merge(self, kind: str, stats) -> None:
+        if stats is not None and self.track[kind]:
+            ops.merge_stats(self.buffers[f"{kind}.counts"], self.buffers[f"{kind}.moments"], *stats)
+
+    def reset(self) -> None:
+        for t in self.buffers.values():
+            t.zero_()
