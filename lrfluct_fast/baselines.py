@@ -7,7 +7,8 @@ Two monitors with the Monitor's API (step, summary, metrics, reset, remove, laye
                  reference the whole project's tests compare against.
   HookStreaming  streams the same statistics with torch ops inside the hooks: per-batch
                  masked mean/M2 in float32 on the tensor's device, Chan-merged into running
-                 float32 state (counts int64); weights and biases by Welford per element.
+                 float32 state (counts int64); weights and biases by a shifted Welford
+                 update per element (ops.temporal_update_torch).
                  Memory is flat over steps.
 Both compute statistics with the package's plain-torch ops (ops.batch_stats_reference in
 float64 for the snapshot, ops.batch_stats_torch / merge_stats_torch for streaming): they
@@ -71,6 +72,14 @@ class _HookMonitor:
         """Packed (counts, moments) of everything committed, or None if nothing was."""
         raise NotImplementedError
 
+    def _observe_parameter(self, name: str, kind: str, value: torch.Tensor) -> None:
+        """Record one step's value of a weight or bias."""
+        raise NotImplementedError
+
+    def _parameter_var(self, name: str, kind: str):
+        """Per-element temporal variance (numpy, float64) of a weight or bias, or None."""
+        raise NotImplementedError
+
     def _clear(self) -> None:
         raise NotImplementedError
 
@@ -104,9 +113,9 @@ class _HookMonitor:
             return
         self._steps += 1
         for name, m in self._modules.items():
-            self._commit(name, "weight", self._capture(m.weight.detach().reshape(1, -1)))
+            self._observe_parameter(name, "weight", m.weight.detach())
             if m.bias is not None:
-                self._commit(name, "bias", self._capture(m.bias.detach().reshape(1, -1)))
+                self._observe_parameter(name, "bias", m.bias.detach())
 
     def reset(self) -> None:
         """Forget every statistic and the step count; hooks stay in place."""
@@ -126,8 +135,9 @@ class _HookMonitor:
             return np.zeros((3, size), np.int64), np.zeros((3, size), np.float64)
         return stats[0].cpu().numpy(), stats[1].cpu().numpy()
 
-    def _temporal_var(self, name: str, kind: str, size: int) -> np.ndarray:
-        return metrics.summarize_stats(kind, *self._packed(name, kind, size))[f"{kind}.var"]
+    def _temporal_var(self, name: str, kind: str, shape) -> np.ndarray:
+        var = self._parameter_var(name, kind)
+        return np.full(shape, np.nan) if var is None else var.reshape(shape)
 
     def summary(self) -> dict[str, dict[str, np.ndarray]]:
         out = {}
@@ -136,7 +146,7 @@ class _HookMonitor:
             s = {}
             for kind in ("activation", "gradient"):
                 s.update(metrics.summarize_stats(kind, *self._packed(name, kind, n)))
-            wvar = self._temporal_var(name, "weight", m.weight.numel()).reshape(m.weight.shape)
+            wvar = self._temporal_var(name, "weight", m.weight.shape)
             s["weight.temporal_var"] = wvar
             s["weight.spread"] = metrics.weight_spread(wvar)
             s["bias.spread"] = (np.sqrt(self._temporal_var(name, "bias", n)) if m.bias is not None
@@ -163,6 +173,16 @@ class HookSnapshot(_HookMonitor):
         chunks = self._store.get((name, kind))
         return ops.batch_stats_reference(torch.cat(chunks)) if chunks else None
 
+    def _observe_parameter(self, name, kind, value):
+        self._commit(name, kind, self._capture(value))
+
+    def _parameter_var(self, name, kind):
+        snaps = self._store.get((name, kind))
+        if not snaps:
+            return None
+        _, _, var = ops.temporal_stats_reference(torch.stack(snaps))
+        return var.numpy()
+
     def _clear(self):
         self._store: dict[tuple[str, str], list[torch.Tensor]] = {}
 
@@ -185,6 +205,19 @@ class HookStreaming(_HookMonitor):
 
     def _stats(self, name, kind):
         return self._state.get((name, kind))
+
+    def _observe_parameter(self, name, kind, value):
+        state = self._state.get((name, kind))
+        if state is None:
+            state = self._state[(name, kind)] = ops.new_state(value)
+        ops.temporal_update_torch([value], [state[0]], [state[1]])
+
+    def _parameter_var(self, name, kind):
+        state = self._state.get((name, kind))
+        if state is None:
+            return None
+        _, _, var = ops.temporal_stats(*state)
+        return var.double().cpu().numpy()
 
     def _clear(self):
         self._state: dict[tuple[str, str], list[torch.Tensor]] = {}

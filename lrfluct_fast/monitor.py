@@ -116,6 +116,10 @@ class Monitor:
                                             energy=self.options["energy"])
                 for name, s in self.summary().items()}
 
+    def memory_bytes(self) -> int:
+        """Bytes of statistics state the monitor holds (flat over steps)."""
+        return sum(t.numel() * t.element_size() for _, st in self._states() for t in st.buffers.values())
+
     # -- persistence ----------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         return {"version": 1, "steps": self.steps, "options": dict(self.options),

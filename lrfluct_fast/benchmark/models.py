@@ -1,0 +1,121 @@
+"""Benchmark models. Each factory(device) returns a Workload: model, optimizer, batch, loss.
+
+  mlp          4 x Linear(2048, 2048) with ReLU, batch 256, MSE
+  gpt          GPT-style decoder from nn.Linear layers: 6 layers, d_model 512, 8 heads,
+               sequence 256, batch 8, vocabulary 1024, next-token cross-entropy
+  autoencoder  the paper experiment's MLP autoencoder on 32x32 eight-shape images, batch 64
+
+A user's model plugs in as "package.module:factory", a function factory(device) returning
+(model, optimizer, batch) or (model, optimizer, batch, loss_fn); batch is a tensor or a tuple
+of tensors; without loss_fn, a tuple (inputs, target) gives MSE, a single tensor x gives
+mean(model(x)^2).
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class Workload:
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    batch: tuple
+    loss_fn: Callable[[nn.Module, tuple], torch.Tensor]
+
+
+def mse_loss(model, batch):
+    x, y = batch
+    return F.mse_loss(model(x), y)
+
+
+def mlp(device, width=2048, depth=4, batch=256) -> Workload:
+    layers = []
+    for _ in range(depth):
+        layers += [nn.Linear(width, width), nn.ReLU()]
+    model = nn.Sequential(*layers[:-1]).to(device)
+    data = (torch.randn(batch, width, device=device), torch.randn(batch, width, device=device))
+    return Workload(model, torch.optim.Adam(model.parameters(), 1e-4), data, mse_loss)
+
+
+class Block(nn.Module):
+    def __init__(self, d, heads):
+        super().__init__()
+        self.heads = heads
+        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
+        self.fc1, self.fc2 = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
+
+    def forward(self, x):
+        b, t, d = x.shape
+        q, k, v = self.qkv(self.ln1(x)).view(b, t, 3, self.heads, d // self.heads).unbind(2)
+        att = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),
+                                             v.transpose(1, 2), is_causal=True)
+        x = x + self.proj(att.transpose(1, 2).reshape(b, t, d))
+        return x + self.fc2(F.gelu(self.fc1(self.ln2(x))))
+
+
+class GPT(nn.Module):
+    def __init__(self, vocab=1024, d=512, layers=6, heads=8, seq=256):
+        super().__init__()
+        self.tok, self.pos = nn.Embedding(vocab, d), nn.Embedding(seq, d)
+        self.blocks = nn.Sequential(*[Block(d, heads) for _ in range(layers)])
+        self.ln = nn.LayerNorm(d)
+        self.head = nn.Linear(d, vocab, bias=False)
+
+    def forward(self, idx):
+        pos = torch.arange(idx.shape[1], device=idx.device)
+        return self.head(self.ln(self.blocks(self.tok(idx) + self.pos(pos))))
+
+
+def gpt_loss(model, batch):
+    idx, = batch
+    logits = model(idx[:, :-1])
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), idx[:, 1:].reshape(-1))
+
+
+def gpt(device, vocab=1024, d=512, layers=6, heads=8, seq=256, batch=8, dtype=None) -> Workload:
+    model = GPT(vocab, d, layers, heads, seq).to(device)
+    if dtype is not None:
+        model = model.to(dtype)
+    idx = torch.randint(0, vocab, (batch, seq + 1), device=device)
+    return Workload(model, torch.optim.AdamW(model.parameters(), 1e-4), (idx,), gpt_loss)
+
+
+def autoencoder(device, image_size=32, batch=64) -> Workload:
+    from ..experiments.autoencoder import build_autoencoder
+    from ..experiments.shapes import make_shapes
+    model = build_autoencoder("mlp", image_size).to(device)
+    images = torch.as_tensor(make_shapes(batch, size=image_size, seed=0)[0], device=device)
+    return Workload(model, torch.optim.Adam(model.parameters(), 1e-3), (images, images), mse_loss)
+
+
+BUILTIN = {"mlp": mlp, "gpt": gpt, "autoencoder": autoencoder}
+
+
+def load(spec: str, device) -> Workload:
+    """A built-in name or "module:factory"; raises ValueError with a one-line reason."""
+    if spec in BUILTIN:
+        return BUILTIN[spec](device)
+    if ":" not in spec:
+        raise ValueError(f"unknown model {spec!r}: use one of {sorted(BUILTIN)} or module:factory")
+    module_name, _, attr = spec.partition(":")
+    try:
+        factory = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"cannot load factory {spec!r}: {e}") from None
+    out = factory(device)
+    if not isinstance(out, tuple) or len(out) not in (3, 4):
+        raise ValueError(f"{spec} must return (model, optimizer, batch[, loss_fn]), got {type(out).__name__}")
+    model, optimizer, batch = out[:3]
+    if not isinstance(model, nn.Module) or not isinstance(optimizer, torch.optim.Optimizer):
+        raise ValueError(f"{spec} must return an nn.Module and a torch.optim.Optimizer first")
+    batch = batch if isinstance(batch, tuple) else (batch,)
+    loss_fn = out[3] if len(out) == 4 else (mse_loss if len(batch) == 2 else
+                                            (lambda m, b: m(*b).float().square().mean()))
+    return Workload(model, optimizer, batch, loss_fn)
