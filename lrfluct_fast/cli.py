@@ -13,6 +13,7 @@ import sys
 COMMANDS = {
     "info": ("lrfluct_fast.info", "version, backend, torch version and threads"),
     "reproduce": ("lrfluct_fast.experiments.reproduce", "the learning-rate experiment of arXiv 2511.10435"),
+    "bench": ("lrfluct_fast.benchmark.command", "lrfluct against hook-based capture, interleaved"),
 }
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass
+from functools import partial
 from typing import Callable
 
 import torch
@@ -98,10 +99,10 @@ def autoencoder(device, image_size=32, batch=64) -> Workload:
 BUILTIN = {"mlp": mlp, "gpt": gpt, "autoencoder": autoencoder}
 
 
-def load(spec: str, device) -> Workload:
-    """A built-in name or "module:factory"; raises ValueError with a one-line reason."""
+def resolve(spec: str):
+    """The factory named by a built-in name or "module:factory"; ValueError with a one-line reason."""
     if spec in BUILTIN:
-        return BUILTIN[spec](device)
+        return BUILTIN[spec]
     if ":" not in spec:
         raise ValueError(f"unknown model {spec!r}: use one of {sorted(BUILTIN)} or module:factory")
     module_name, _, attr = spec.partition(":")
@@ -109,6 +110,12 @@ def load(spec: str, device) -> Workload:
         factory = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as e:
         raise ValueError(f"cannot load factory {spec!r}: {e}") from None
+    if not callable(factory):
+        raise ValueError(f"{spec} is not callable")
+    return partial(_user_workload, spec, factory)
+
+
+def _user_workload(spec, factory, device) -> Workload:
     out = factory(device)
     if not isinstance(out, tuple) or len(out) not in (3, 4):
         raise ValueError(f"{spec} must return (model, optimizer, batch[, loss_fn]), got {type(out).__name__}")

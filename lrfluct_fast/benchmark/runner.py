@@ -1,7 +1,9 @@
 """The interleaved overhead runner: one process, every mode, round-robin steps.
 
 Modes: none (no monitoring), lrfluct (lf.instrument: activations + gradients + weights every
-step), hook-streaming and hook-snapshot (lrfluct_fast.baselines). Each mode trains its own
+step), hook-streaming and hook-snapshot (lrfluct_fast.baselines), and, when the package
+backpack-for-pytorch is installed, backpack (its Variance extension: per-parameter variance of
+the per-sample gradients, an outside peer that also instruments every layer). Each mode trains its own
 copy of the same seeded workload; after warm-up, step i of every mode runs back to back (the
 order rotated each round) so drift in the machine's speed hits all modes alike. Reported per
 mode: median step time and its spread, overhead against none, monitor memory and its growth
@@ -10,10 +12,14 @@ reset (its growth per step is measured before that), so a long run stays within 
 """
 from __future__ import annotations
 
+import contextlib
+import importlib.util
 import statistics
 import time
+import warnings
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from .. import baselines
@@ -23,13 +29,25 @@ from .models import Workload
 MODES = ("none", "lrfluct", "hook-streaming", "hook-snapshot")
 
 
+def available_modes() -> tuple[str, ...]:
+    return MODES + (("backpack",) if importlib.util.find_spec("backpack") else ())
+
+
 def attach(mode: str, model):
+    """Returns (monitor or None, a context manager factory the step runs in)."""
     if mode == "none":
-        return None
+        return None, contextlib.nullcontext
     if mode == "lrfluct":
-        return instrument(model)
+        return instrument(model), contextlib.nullcontext
+    if mode == "backpack":
+        from backpack import backpack, extend
+        from backpack.extensions import Variance
+        warnings.filterwarnings("ignore", module="backpack")  # per-step notes on unextended modules
+        warnings.filterwarnings("ignore", message="Full backward hook is firing")
+        extend(model)
+        return None, lambda: backpack(Variance())
     return {"hook-streaming": baselines.HookStreaming,
-            "hook-snapshot": baselines.HookSnapshot}[mode](model)
+            "hook-snapshot": baselines.HookSnapshot}[mode](model), contextlib.nullcontext
 
 
 def monitor_bytes(monitor) -> int:
@@ -74,9 +92,10 @@ def run(make_workload, device, modes=MODES, steps=20, warmup=3, progress=None,
     results = {mode: ModeResult() for mode in modes}
 
     def step(mode):
-        w, monitor = runs[mode]
+        w, (monitor, context) = runs[mode]
         w.optimizer.zero_grad(set_to_none=True)
-        w.loss_fn(w.model, w.batch).backward()
+        with context():
+            w.loss_fn(w.model, w.batch).backward()
         w.optimizer.step()
         if monitor is not None:
             monitor.step()
@@ -89,7 +108,7 @@ def run(make_workload, device, modes=MODES, steps=20, warmup=3, progress=None,
             step(mode)
             _sync(device)
             dt = time.perf_counter() - t0
-            monitor = runs[mode][1]
+            monitor = runs[mode][1][0]
             if i >= warmup:
                 results[mode].times.append(dt)
                 results[mode].memory.append(monitor_bytes(monitor))
@@ -98,10 +117,61 @@ def run(make_workload, device, modes=MODES, steps=20, warmup=3, progress=None,
                 results[mode].resets += 1
             if progress:
                 progress(mode)
-    for _, monitor in runs.values():
+    for _, (monitor, _) in runs.values():
         if monitor is not None:
             monitor.remove()
     return results
+
+
+def memory_curve(make_workload, device, mode: str, steps: int, every: int,
+                 budget: int = 1 << 30) -> list[tuple[int, int]]:
+    """(step, monitor bytes) every `every` steps; stops early past `budget` bytes."""
+    torch.manual_seed(0)
+    w = make_workload(device)
+    monitor, context = attach(mode, w.model)
+    curve = [(0, monitor_bytes(monitor))]
+    for i in range(1, steps + 1):
+        w.optimizer.zero_grad(set_to_none=True)
+        with context():
+            w.loss_fn(w.model, w.batch).backward()
+        w.optimizer.step()
+        if monitor is not None:
+            monitor.step()
+        if i % every == 0 or i == steps:
+            curve.append((i, monitor_bytes(monitor)))
+            if curve[-1][1] > budget:
+                break
+    if monitor is not None:
+        monitor.remove()
+    return curve
+
+
+def agreement(make_workload, device, steps: int = 2) -> float:
+    """Max relative difference over every summary key between lrfluct and hook-streaming
+    trained identically: the check that both modes compute the same statistics."""
+    summaries = []
+    for mode in ("lrfluct", "hook-streaming"):
+        torch.manual_seed(0)
+        w = make_workload(device)
+        monitor, _ = attach(mode, w.model)
+        for _ in range(steps):
+            w.optimizer.zero_grad(set_to_none=True)
+            w.loss_fn(w.model, w.batch).backward()
+            w.optimizer.step()
+            monitor.step()
+        summaries.append(monitor.summary())
+        monitor.remove()
+    worst = 0.0
+    ours, theirs = summaries
+    for layer, keys in ours.items():
+        for key, a in keys.items():
+            b = theirs[layer][key]
+            a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+            scale = np.nanmax(np.abs(b)) if b.size and np.isfinite(b).any() else 1.0
+            diff = np.abs(a - b)[np.isfinite(a - b)]
+            if diff.size:
+                worst = max(worst, float(diff.max() / (scale or 1.0)))
+    return worst
 
 
 def overheads(results: dict[str, ModeResult]) -> dict[str, float]:
