@@ -18,9 +18,10 @@ from .layer_state import LayerState
 
 def _autocast(x, weight, bias):
     """Cast to the autocast dtype here, so the fused function sees one dtype (and grads
-    flow back to the parameters' dtype through the casts)."""
+    flow back to the parameters' dtype through the casts). As autocast does, float64
+    tensors are left alone."""
     device = x.device.type
-    if not torch.is_autocast_enabled(device):
+    if not torch.is_autocast_enabled(device) or torch.float64 in (x.dtype, weight.dtype):
         return x, weight, bias
     dtype = torch.get_autocast_dtype(device)
     return x.to(dtype), weight.to(dtype), (bias.to(dtype) if bias is not None else None)

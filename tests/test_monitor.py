@@ -1,0 +1,737 @@
+"""lf.instrument / Monitor / FluctLinear, FluctConv1d, FluctConv2d against the float64
+HookSnapshot reference and against plain torch.
+
+Pattern: build the same seeded model twice, instrument one copy with lf.instrument and
+observe the other with baselines.HookSnapshot, train both on the same data with the same
+optimizer, then compare every summary key of every layer.
+"""
+from __future__ import annotations
+
+import copy
+import io
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+import lrfluct_fast as lf
+from lrfluct_fast.baselines import HookSnapshot
+from lrfluct_fast.nn import FluctConv1d, FluctConv2d, FluctLinear
+
+from models import batches, build
+
+DESIGN_KEYS = {"activation.count", "activation.mean", "activation.var",
+               "activation.active_fraction", "activation.nonfinite", "gradient.count",
+               "gradient.mean", "gradient.var", "gradient.nonfinite", "weight.temporal_var",
+               "weight.spread", "bias.spread", "steps"}
+COUNT_KEYS = {"activation.count", "activation.nonfinite", "gradient.count",
+              "gradient.nonfinite", "steps"}
+METRIC_KEYS = ("spread_of_spread", "spread_cv", "participation_ratio", "dead_fraction",
+               "mean_active_fraction")
+SUPPORTED = (nn.Linear, nn.Conv1d, nn.Conv2d)
+
+
+# ---------------------------------------------------------------------------------------
+# helpers
+# ---------------------------------------------------------------------------------------
+def make_opt(model, kind):
+    if kind == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    return torch.optim.Adam(model.parameters(), lr=1e-2)
+
+
+def loss_of(out):
+    return torch.nan_to_num(out).square().mean()
+
+
+def train(model, monitors, data, opt, micro=1, autocast=False, forward=None):
+    """One optimizer step per `micro` consecutive inputs of `data`."""
+    forward = model if forward is None else forward
+    for i in range(0, len(data), micro):
+        opt.zero_grad()
+        for x in data[i:i + micro]:
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                out = forward(x)
+            loss_of(out.float()).backward()
+        opt.step()
+        for mon in monitors:
+            mon.step()
+
+
+def twins(name, seed=0):
+    """The same seeded model twice: (instrumented model, Monitor, reference model, HookSnapshot)."""
+    a, b = build(name, seed), build(name, seed)
+    return a, lf.instrument(a), b, HookSnapshot(b)
+
+
+def _scale(ref_layer, key):
+    """Magnitude a tolerance on `key` is relative to: a mean is compared on the scale of the
+    data's std as well as its own (a near-zero gradient mean has no relative precision)."""
+    vals = [np.abs(ref_layer[key])]
+    if key.endswith(".mean"):
+        vals.append(np.sqrt(np.abs(ref_layer[key.replace(".mean", ".var")])))
+    finite = np.concatenate([v[np.isfinite(v)].ravel() for v in vals])
+    return float(finite.max()) if finite.size else 0.0
+
+
+# A weight's temporal variance is a small difference of float32 values (weights ~0.3 moving
+# ~1e-4 per step): the last bits of each stored weight are ~1e-4 of its temporal std.
+TEMPORAL_RTOL = 1e-3
+
+
+def assert_summaries_close(got, ref, rtol=1e-5, atol_rel=1e-6, skip=()):
+    """Every key `got` reports for every layer agrees with `ref` (counts exactly)."""
+    assert set(got) == set(ref)
+    for layer, s in got.items():
+        for key, value in s.items():
+            if key in skip:
+                continue
+            assert key in ref[layer], f"{layer}: {key} not in the reference"
+            expected = ref[layer][key]
+            assert np.shape(value) == np.shape(expected), f"{layer} {key}"
+            msg = f"layer {layer!r} key {key}"
+            if key in COUNT_KEYS:
+                np.testing.assert_array_equal(value, expected, err_msg=msg)
+                continue
+            key_rtol = max(rtol, TEMPORAL_RTOL) if key in ("weight.temporal_var",
+                                                           "weight.spread", "bias.spread") else rtol
+            np.testing.assert_allclose(value, expected, rtol=key_rtol,
+                                       atol=atol_rel * _scale(ref[layer], key),
+                                       err_msg=msg)
+
+
+def assert_summaries_equal(got, ref):
+    assert set(got) == set(ref)
+    for layer in got:
+        assert set(got[layer]) == set(ref[layer])
+        for key in got[layer]:
+            np.testing.assert_array_equal(got[layer][key], ref[layer][key],
+                                          err_msg=f"{layer} {key}")
+
+
+def monitored_names(model):
+    return [n for n, m in model.named_modules() if isinstance(m, SUPPORTED)]
+
+
+# ---------------------------------------------------------------------------------------
+# 1. agreement with the float64 reference, keys, metrics
+# ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("opt_kind", ["sgd", "adam"])
+@pytest.mark.parametrize("name", ["mlp", "cnn", "block"])
+def test_summary_matches_hook_snapshot(name, opt_kind):
+    a, mon, b, ref = twins(name)
+    assert list(mon.layers) == monitored_names(a) == ref.layers
+    for layer, m in mon.layers.items():
+        assert type(m) in (FluctLinear, FluctConv1d, FluctConv2d)
+        assert isinstance(m, SUPPORTED)
+    data = batches(name, 4)
+    train(a, [mon], data, make_opt(a, opt_kind))
+    train(b, [ref], data, make_opt(b, opt_kind))
+    got, want = mon.summary(), ref.summary()
+
+    for layer, s in got.items():
+        has_bias = mon.layers[layer].bias is not None
+        # DESIGN section 2's table; a bias-free layer has no bias.spread to report
+        assert set(s) == (DESIGN_KEYS if has_bias else DESIGN_KEYS - {"bias.spread"}), layer
+        n = mon.layers[layer].weight.shape[0]
+        for key in s:
+            expected_shape = {"steps": (), "weight.temporal_var": tuple(mon.layers[layer].weight.shape)}
+            assert s[key].shape == expected_shape.get(key, (n,)), (layer, key)
+        assert int(s["steps"]) == 4
+        assert (s["activation.count"] > 0).all() and (s["gradient.count"] > 0).all()
+        assert np.all(s["weight.temporal_var"] > 0)
+        if not has_bias:
+            assert np.isnan(want[layer]["bias.spread"]).all()
+    assert_summaries_close(got, want)
+
+    got_m, want_m = mon.metrics(), ref.metrics()
+    assert set(got_m) == set(want_m)
+    for layer in got_m:
+        for key in METRIC_KEYS:
+            assert isinstance(got_m[layer][key], float)
+            np.testing.assert_allclose(got_m[layer][key], want_m[layer][key], rtol=1e-4, atol=1e-9,
+                                       err_msg=f"{layer} {key}")
+        assert np.isfinite(got_m[layer]["spread_of_spread"])
+        assert 1.0 <= got_m[layer]["participation_ratio"] <= mon.layers[layer].weight.shape[0]
+
+
+def test_skipped_lists_unsupported_modules():
+    model = build("block")
+    mon = lf.instrument(model)
+    skipped = dict(mon.skipped)
+    assert set(skipped) == {"ln1", "ln2"}
+    assert all("LayerNorm" in reason for reason in skipped.values())
+    assert type(model.ln1) is nn.LayerNorm
+    assert set(mon.layers) == {"q", "k", "v", "proj", "up", "down"}
+
+
+# ---------------------------------------------------------------------------------------
+# 2. gradient accumulation
+# ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["mlp", "cnn"])
+def test_gradient_accumulation(name):
+    a, mon, b, ref = twins(name, seed=1)
+    data = batches(name, 6, batch=4, seed=7)   # 2 optimizer steps of 3 micro-batches
+    train(a, [mon], data, make_opt(a, "adam"), micro=3)
+    train(b, [ref], data, make_opt(b, "adam"), micro=3)
+    got = mon.summary()
+    assert_summaries_close(got, ref.summary())
+    assert (got["fc1" if name == "mlp" else "head"]["activation.count"] == 6 * 4).all()
+    assert all(int(s["steps"]) == 2 for s in got.values())
+
+
+# ---------------------------------------------------------------------------------------
+# 3. activation checkpointing
+# ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("use_reentrant", [True, False])
+def test_activation_checkpoint_counted_once(use_reentrant):
+    def forward(model, ckpt):
+        def tail(h):
+            return model.out(F.gelu(model.fc2(h)))
+
+        def run(x):
+            h = F.relu(model.fc1(x))
+            return checkpoint(tail, h, use_reentrant=use_reentrant) if ckpt else tail(h)
+        return run
+
+    data = batches("mlp", 3, seed=11)
+    a, b = build("mlp", 2), build("mlp", 2)
+    mon_a, mon_b = lf.instrument(a), lf.instrument(b)
+    train(a, [mon_a], data, make_opt(a, "sgd"), forward=forward(a, True))
+    train(b, [mon_b], data, make_opt(b, "sgd"), forward=forward(b, False))
+    got, want = mon_a.summary(), mon_b.summary()
+    for layer in ("fc1", "fc2", "out"):
+        assert (got[layer]["activation.count"] == 3 * 6).all(), layer
+        assert (got[layer]["gradient.count"] == 3 * 6).all(), layer
+    assert_summaries_close(got, want, rtol=1e-6, atol_rel=1e-7)
+    for p, q in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+
+
+# ---------------------------------------------------------------------------------------
+# 4. no_grad / eval / a forward without backward are not counted
+# ---------------------------------------------------------------------------------------
+def test_no_grad_and_eval_not_counted():
+    model = build("mlp", 3)
+    mon = lf.instrument(model)
+    data = batches("mlp", 5, seed=3)
+    train(model, [mon], data[:1], make_opt(model, "sgd"))
+    before = mon.summary()
+
+    with torch.no_grad():
+        model(data[1])
+    model.eval()
+    out = model(data[2])
+    loss_of(out).backward()                   # eval forward with a backward: still not counted
+    model.train()
+    model(data[3])                            # training forward whose backward never runs
+    with torch.inference_mode():
+        model(data[4])
+    after = mon.summary()
+    for layer in before:
+        for key in ("activation.count", "gradient.count"):
+            np.testing.assert_array_equal(after[layer][key], before[layer][key], err_msg=layer)
+            assert (after[layer][key] == 6).all()
+    assert_summaries_equal(after, before)
+
+    loss_of(model(data[1])).backward()        # a counted one still counts
+    assert (mon.summary()["fc1"]["activation.count"] == 12).all()
+
+
+# ---------------------------------------------------------------------------------------
+# 5. a module used twice in one forward
+# ---------------------------------------------------------------------------------------
+def test_shared_module_counts_every_call():
+    a, mon, b, ref = twins("shared", seed=4)
+    assert list(mon.layers) == ["inp", "mid", "out"]
+    assert type(a.mid) is FluctLinear
+    data = batches("shared", 3, batch=5, seed=5)
+    train(a, [mon], data, make_opt(a, "adam"))
+    train(b, [ref], data, make_opt(b, "adam"))
+    got = mon.summary()
+    assert (got["mid"]["activation.count"] == 2 * 3 * 5).all()
+    assert (got["mid"]["gradient.count"] == 2 * 3 * 5).all()
+    assert (got["inp"]["activation.count"] == 3 * 5).all()
+    assert_summaries_close(got, ref.summary())
+
+
+def test_retained_graph_second_backward_counts_gradients_only():
+    a, mon, b, ref = twins("mlp", seed=18)
+    x = batches("mlp", 1, seed=33)[0]
+    for model in (a, b):
+        loss = loss_of(model(x))
+        loss.backward(retain_graph=True)
+        loss.backward()
+    got = mon.summary()
+    assert (got["fc1"]["activation.count"] == 6).all()
+    assert (got["fc1"]["gradient.count"] == 12).all()
+    assert_summaries_close(got, ref.summary())
+
+
+def test_conv_unbatched_and_channels_last_match_snapshot():
+    torch.manual_seed(19)
+    a = nn.Sequential(nn.Conv2d(2, 3, 3), nn.ReLU(), nn.Conv2d(3, 5, 2, stride=2))
+    b = copy.deepcopy(a)
+    mon, ref = lf.instrument(a), HookSnapshot(b)
+    g = torch.Generator().manual_seed(35)
+    inputs = [torch.randn(2, 7, 6, generator=g),
+              torch.randn(3, 2, 7, 6, generator=g).to(memory_format=torch.channels_last)]
+    for model in (a, b):
+        for x in inputs:
+            loss_of(model(x)).backward()
+    for p, q in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6)
+    got = mon.summary()
+    assert (got["0"]["activation.count"] == 5 * 4 * (1 + 3)).all()
+    assert_summaries_close(got, ref.summary())
+
+
+def test_module_reachable_under_two_names_wrapped_once():
+    lin = nn.Linear(4, 4)
+    model = nn.Sequential(lin, nn.Tanh(), lin)
+    mon = lf.instrument(model)
+    assert list(mon.layers) == ["0"]
+    loss_of(model(torch.randn(5, 4))).backward()
+    assert (mon.summary()["0"]["activation.count"] == 10).all()
+
+
+# ---------------------------------------------------------------------------------------
+# 6. bf16 autocast on CPU
+# ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["mlp", "cnn"])
+def test_bf16_autocast(name):
+    a, mon, b, ref = twins(name, seed=5)
+    data = batches(name, 3, batch=8, seed=9)
+    opt_a, opt_b = make_opt(a, "sgd"), make_opt(b, "sgd")
+    # one step by hand to look at the grads
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = a(data[0])
+    assert out.dtype == torch.bfloat16
+    loss_of(out.float()).backward()
+    for p in a.parameters():
+        assert p.grad is not None and p.grad.dtype == p.dtype == torch.float32
+        assert torch.isfinite(p.grad).all()
+    opt_a.step()
+    mon.step()
+    train(a, [mon], data[1:], opt_a, autocast=True)
+    train(b, [ref], data, opt_b, autocast=True)
+    got, want = mon.summary(), ref.summary()
+    for layer in got:
+        assert (got[layer]["activation.count"] > 0).all()
+    # a value near 0 may round to the other side of 0 in one of the two runs
+    rows = {layer: int(got[layer]["activation.count"][0]) for layer in got}
+    for layer in got:
+        np.testing.assert_allclose(got[layer]["activation.active_fraction"],
+                                   want[layer]["activation.active_fraction"], atol=2.5 / rows[layer])
+    assert_summaries_close(got, want, rtol=2e-2, atol_rel=1e-2,
+                           skip=("activation.active_fraction",))
+
+
+def test_autocast_leaves_float64_layers_alone():
+    # autocast never casts float64 tensors: a float64 layer runs in float64 under it
+    torch.manual_seed(16)
+    plain = nn.Linear(4, 3).double()
+    wrapped = copy.deepcopy(plain)
+    lf.instrument(wrapped)
+    x = torch.randn(5, 4, dtype=torch.float64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want, got = plain(x), wrapped(x)
+    assert want.dtype == torch.float64
+    assert got.dtype == want.dtype
+    torch.testing.assert_close(got, want)
+
+
+def test_bf16_parameters_match_snapshot():
+    # a bf16 model without autocast: statistics accumulated in float32, same as float64 ref
+    a, b = build("mlp", 17).bfloat16(), build("mlp", 17).bfloat16()
+    mon, ref = lf.instrument(a), HookSnapshot(b)
+    assert all(st.dtype == torch.float32 for _, st in mon._states())
+    data = [x.bfloat16() for x in batches("mlp", 3, seed=31)]
+    train(a, [mon], data, make_opt(a, "sgd"))
+    train(b, [ref], data, make_opt(b, "sgd"))
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert p.grad.dtype == torch.bfloat16
+    # same bf16 values seen by both: statistics agree to float32 accuracy (the weights'
+    # temporal variance is a difference of bf16 values, exact in float32)
+    assert_summaries_close(mon.summary(), ref.summary(), rtol=1e-4, atol_rel=1e-5)
+
+
+# ---------------------------------------------------------------------------------------
+# 7. NaN / Inf
+# ---------------------------------------------------------------------------------------
+def test_nonfinite_input_counted_not_poisoning():
+    a, mon, b, ref = twins("mlp", seed=6)
+    data = batches("mlp", 3, seed=13)
+    data[1][2, 4] = float("nan")              # one sample of the second step
+    data[2][0, 0] = float("inf")              # one sample of the third step
+    for model, m in ((a, mon), (b, ref)):
+        opt = make_opt(model, "sgd")
+        for x in data:
+            opt.zero_grad()
+            loss_of(model(x)).backward()
+            for p in model.parameters():
+                p.grad.nan_to_num_(0.0, 0.0, 0.0)
+            opt.step()
+            m.step()
+    got, want = mon.summary(), ref.summary()
+    s = got["fc1"]
+    np.testing.assert_array_equal(s["activation.nonfinite"], np.full(37, 2))
+    np.testing.assert_array_equal(s["activation.count"], np.full(37, 3 * 6 - 2))
+    for layer, s in got.items():
+        for key in ("activation.mean", "activation.var", "activation.active_fraction",
+                    "gradient.mean", "gradient.var", "weight.spread", "bias.spread"):
+            assert np.isfinite(s[key]).all(), (layer, key)
+        for key in ("activation.nonfinite", "gradient.nonfinite"):
+            np.testing.assert_array_equal(s[key], want[layer][key], err_msg=f"{layer} {key}")
+    assert got["fc2"]["activation.nonfinite"].sum() > 0
+    assert_summaries_close(got, want)
+
+
+# ---------------------------------------------------------------------------------------
+# 8. torch.compile
+# ---------------------------------------------------------------------------------------
+def test_torch_compile_matches_eager():
+    torch._dynamo.reset()
+    a, b = build("mlp", 7), build("mlp", 7)
+    mon_a, mon_b = lf.instrument(a), lf.instrument(b)
+    compiled = torch.compile(a)
+    data = batches("mlp", 3, seed=17)
+    train(a, [mon_a], data, make_opt(a, "adam"), forward=compiled)
+    train(b, [mon_b], data, make_opt(b, "adam"))
+    got = mon_a.summary()
+    for layer in got:
+        assert (got[layer]["activation.count"] == 3 * 6).all()
+        assert (got[layer]["gradient.count"] == 3 * 6).all()
+    assert_summaries_close(got, mon_b.summary(), rtol=1e-4, atol_rel=1e-5)
+    # the compiled graph follows grad mode and train/eval: these are not counted
+    with torch.no_grad():
+        compiled(data[0])
+    a.eval()
+    loss_of(compiled(data[1])).backward()
+    a.train()
+    assert_summaries_equal(mon_a.summary(), got)
+    torch._dynamo.reset()
+
+
+# ---------------------------------------------------------------------------------------
+# 9. state_dict / load_state_dict
+# ---------------------------------------------------------------------------------------
+def test_state_dict_resume_identical():
+    data = batches("mlp", 6, seed=19)
+    straight = build("mlp", 8)
+    mon = lf.instrument(straight)
+    train(straight, [mon], data, make_opt(straight, "adam"))
+
+    first = build("mlp", 8)
+    mon1 = lf.instrument(first)
+    opt1 = make_opt(first, "adam")
+    train(first, [mon1], data[:3], opt1)
+    buf = io.BytesIO()
+    torch.save({"monitor": mon1.state_dict(), "model": first.state_dict(),
+                "opt": opt1.state_dict()}, buf)
+    buf.seek(0)
+    saved = torch.load(buf)
+
+    fresh = build("mlp", 99)                 # other initial weights: all of it must come from the file
+    mon2 = lf.instrument(fresh)
+    opt2 = make_opt(fresh, "adam")
+    fresh.load_state_dict(saved["model"])
+    opt2.load_state_dict(saved["opt"])
+    mon2.load_state_dict(saved["monitor"])
+    assert mon2.steps == 3
+    train(fresh, [mon2], data[3:], opt2)
+    assert_summaries_equal(mon2.summary(), mon.summary())
+    for p, q in zip(fresh.parameters(), straight.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
+
+
+def test_load_state_dict_mismatch_raises():
+    mlp = build("mlp")
+    sd = lf.instrument(mlp).state_dict()
+    with pytest.raises(ValueError, match="layers differ"):
+        lf.instrument(build("cnn")).load_state_dict(sd)
+
+    class Wider(nn.Module):               # same layer names, other shapes
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc2, self.out = nn.Linear(13, 38), nn.Linear(38, 29), nn.Linear(29, 5)
+
+    with pytest.raises(ValueError, match="shape"):
+        lf.instrument(Wider()).load_state_dict(sd)
+    with pytest.raises(ValueError, match="options"):
+        lf.instrument(build("mlp"), every=2).load_state_dict(sd)
+
+
+# ---------------------------------------------------------------------------------------
+# 10. remove()
+# ---------------------------------------------------------------------------------------
+def test_remove_restores_modules():
+    model = build("cnn", 9)
+    plain = copy.deepcopy(model)
+    originals = {n: (m, type(m), m.weight, m.bias) for n, m in model.named_modules()
+                 if isinstance(m, SUPPORTED)}
+    hook_calls = []
+    model.conv1.register_forward_hook(lambda *args: hook_calls.append(1))
+    mon = lf.instrument(model)
+    assert type(model.conv1) is FluctConv2d and type(model.conv3) is FluctConv1d
+
+    x = batches("cnn", 1, seed=21)[0]
+    # the fused training forward and the plain path give the plain torch output
+    torch.testing.assert_close(model(x), plain(x), rtol=0, atol=0)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), plain(x), rtol=0, atol=0)
+    assert len(hook_calls) == 2                # hooks on the module survive the class swap
+
+    # a torch state_dict of the wrapped model loads into a plain one and back
+    sd_wrapped = model.state_dict()
+    assert list(sd_wrapped) == list(plain.state_dict())
+    other = build("cnn", 50)
+    other.load_state_dict(sd_wrapped)
+    model.load_state_dict(other.state_dict())
+
+    train(model, [mon], batches("cnn", 2, seed=22), make_opt(model, "adam"))
+    trained = {k: v.clone() for k, v in model.state_dict().items()}
+    mon.remove()
+    for name, m in model.named_modules():
+        if name in originals:
+            obj, cls, w, b = originals[name]
+            assert m is obj and type(m) is cls and cls in (nn.Conv2d, nn.Conv1d, nn.Linear)
+            assert m.weight is w and m.bias is b
+            assert not hasattr(m, "_lrfluct")
+        assert "Fluct" not in type(m).__name__
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, trained[k], rtol=0, atol=0)
+    assert not all(torch.equal(v, plain.state_dict()[k]) for k, v in trained.items())
+
+    plain.load_state_dict(model.state_dict())
+    model.train(), plain.train()
+    torch.testing.assert_close(model(x), plain(x), rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="removed"):
+        mon.summary()
+    mon.remove()                               # idempotent
+    mon2 = lf.instrument(model)                # can instrument again
+    assert set(mon2.layers) == set(originals)
+
+
+# ---------------------------------------------------------------------------------------
+# 11. options
+# ---------------------------------------------------------------------------------------
+def test_every_two_observes_even_steps():
+    model = build("mlp", 10)
+    mon = lf.instrument(model, every=2)
+    zs, ws = [], []
+    model.fc1.register_forward_hook(lambda m, a, out: zs.append(out.detach().double().clone()))
+    data = batches("mlp", 4, seed=23)
+    opt = make_opt(model, "sgd")
+    for i, x in enumerate(data):
+        opt.zero_grad()
+        loss_of(model(x)).backward()
+        opt.step()
+        mon.step()
+        if i % 2 == 0:
+            ws.append(model.fc1.weight.detach().double().clone())
+    s = mon.summary()
+    assert int(s["fc1"]["steps"]) == 4
+    for layer in s:
+        assert (s[layer]["activation.count"] == 2 * 6).all()
+        assert (s[layer]["gradient.count"] == 2 * 6).all()
+    z = torch.cat([zs[0], zs[2]]).numpy()
+    np.testing.assert_allclose(s["fc1"]["activation.mean"], z.mean(0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(s["fc1"]["activation.var"], z.var(0), rtol=1e-5, atol=1e-7)
+    w = torch.stack(ws).numpy()
+    np.testing.assert_allclose(s["fc1"]["weight.temporal_var"], w.var(0), rtol=1e-4, atol=1e-12)
+
+
+def test_tracking_switches_remove_keys():
+    data = batches("mlp", 2, seed=25)
+    cases = {"weights": {"weight.temporal_var", "weight.spread"},
+             "activations": {k for k in DESIGN_KEYS if k.startswith("activation.")},
+             "gradients": {k for k in DESIGN_KEYS if k.startswith("gradient.")},
+             "biases": {"bias.spread"}}
+    full = build("mlp", 11)
+    mon_full = lf.instrument(full)
+    train(full, [mon_full], data, make_opt(full, "sgd"))
+    want = mon_full.summary()
+    for option, absent in cases.items():
+        model = build("mlp", 11)
+        mon = lf.instrument(model, **{option: False})
+        train(model, [mon], data, make_opt(model, "sgd"))
+        got = mon.summary()
+        for layer, s in got.items():
+            assert set(s) == DESIGN_KEYS - absent, option
+            for key in s:   # what is still tracked is unchanged
+                np.testing.assert_allclose(s[key], want[layer][key], rtol=1e-6, atol=1e-9,
+                                           err_msg=f"{option}=False {layer} {key}")
+        for p, q in zip(model.parameters(), full.parameters()):   # training unchanged
+            torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+        metrics = mon.metrics()["fc1"]
+        assert set(METRIC_KEYS) <= set(metrics)
+
+
+def test_weight_mode_neuron():
+    model = build("cnn", 12)
+    mon = lf.instrument(model, weight_mode="neuron")
+    rms = {name: [] for name in mon.layers}
+    opt = make_opt(model, "adam")
+    for x in batches("cnn", 3, seed=27):
+        opt.zero_grad()
+        loss_of(model(x)).backward()
+        opt.step()
+        mon.step()
+        for name, m in mon.layers.items():
+            w = m.weight.detach().double()
+            rms[name].append(w.reshape(w.shape[0], -1).square().mean(1).sqrt())
+    s = mon.summary()
+    for name, m in mon.layers.items():
+        n = m.weight.shape[0]
+        assert "weight.temporal_var" not in s[name]
+        assert s[name]["weight.spread"].shape == (n,)
+        want = torch.stack(rms[name]).std(0, unbiased=False).numpy()
+        np.testing.assert_allclose(s[name]["weight.spread"], want, rtol=1e-3, atol=1e-7,
+                                   err_msg=name)
+    assert np.isfinite(mon.metrics()["conv1"]["spread_of_spread"])
+
+
+def test_bad_options_raise():
+    with pytest.raises(ValueError, match="every"):
+        lf.instrument(build("mlp"), every=0)
+    with pytest.raises(ValueError, match="every"):
+        lf.instrument(build("mlp"), every=1.5)
+    with pytest.raises(ValueError, match="weight_mode"):
+        lf.instrument(build("mlp"), weight_mode="x")
+    with pytest.raises(ValueError, match="energy"):
+        lf.instrument(build("mlp"), energy="x")
+    with pytest.raises(TypeError, match="evry"):
+        lf.instrument(build("mlp"), evry=2)
+    model = build("mlp")
+    with pytest.raises(TypeError):
+        lf.instrument(model, evry=2)
+    assert type(model.fc1) is nn.Linear        # a refused call leaves the model alone
+
+
+def test_nothing_supported_raises():
+    with pytest.raises(ValueError, match="nothing to monitor"):
+        lf.instrument(nn.Sequential(nn.LayerNorm(4), nn.ReLU()))
+    with pytest.raises(ValueError, match="nothing to monitor"):
+        lf.instrument(nn.LayerNorm(4))
+
+
+def test_instrument_twice_raises():
+    model = build("mlp")
+    lf.instrument(model)
+    with pytest.raises(ValueError, match="already instrumented"):
+        lf.instrument(model)
+    assert type(model.fc1) is FluctLinear
+
+
+# ---------------------------------------------------------------------------------------
+# 12. reset()
+# ---------------------------------------------------------------------------------------
+def test_reset():
+    model = build("block", 13)
+    mon = lf.instrument(model)
+    opt = make_opt(model, "adam")
+    data = batches("block", 4, batch=3, seed=29)
+    train(model, [mon], data[:2], opt)
+    mon.reset()
+    assert mon.steps == 0
+    for layer, s in mon.summary().items():
+        assert int(s["steps"]) == 0
+        for key in ("activation.count", "gradient.count", "activation.nonfinite"):
+            assert (s[key] == 0).all(), (layer, key)
+        assert np.isnan(s["activation.mean"]).all()
+        assert np.isnan(s["weight.temporal_var"]).all()
+    # after a reset the monitor equals a fresh one on the same (already trained) model
+    twin = build("block", 0)
+    twin.load_state_dict(model.state_dict())
+    ref = HookSnapshot(twin)
+    opt_twin = make_opt(twin, "adam")
+    opt_twin.load_state_dict(copy.deepcopy(opt.state_dict()))  # not shared state tensors
+    train(model, [mon], data[2:], opt)
+    train(twin, [ref], data[2:], opt_twin)
+    got = mon.summary()
+    assert (got["q"]["activation.count"] == 2 * 3 * 5).all()
+    assert int(got["q"]["steps"]) == 2
+    assert_summaries_close(got, ref.summary())
+
+
+# ---------------------------------------------------------------------------------------
+# 13. gradients equal plain torch
+# ---------------------------------------------------------------------------------------
+LAYERS = {
+    "linear": (lambda: nn.Linear(7, 5), (4, 7)),
+    "linear_nobias": (lambda: nn.Linear(7, 5, bias=False), (4, 7)),
+    "linear_3d": (lambda: nn.Linear(7, 5), (2, 3, 7)),
+    "linear_1d": (lambda: nn.Linear(7, 5), (7,)),
+    "conv2d": (lambda: nn.Conv2d(4, 6, 3, stride=2, padding=1, groups=2), (3, 4, 7, 6)),
+    "conv2d_nobias": (lambda: nn.Conv2d(3, 5, (3, 2), dilation=(2, 1), bias=False), (2, 3, 8, 5)),
+    "conv1d": (lambda: nn.Conv1d(3, 5, 3, padding=1, stride=2), (2, 3, 9)),
+    "conv1d_nobias_unbatched": (lambda: nn.Conv1d(3, 5, 2, bias=False), (3, 9)),
+}
+
+
+@pytest.mark.parametrize("case", list(LAYERS))
+def test_grads_equal_plain_torch(case):
+    factory, shape = LAYERS[case]
+    torch.manual_seed(14)
+    plain = factory()
+    wrapped = copy.deepcopy(plain)
+    mon = lf.instrument(wrapped)
+    assert list(mon.layers) == [""]
+    x = torch.randn(shape)
+    xp, xw = x.clone().requires_grad_(), x.clone().requires_grad_()
+    zp, zw = plain(xp), wrapped(xw)
+    torch.testing.assert_close(zw, zp, rtol=1e-6, atol=1e-6)
+    g = torch.randn_like(zp)
+    zp.backward(g)
+    zw.backward(g)
+    torch.testing.assert_close(xw.grad, xp.grad, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(wrapped.weight.grad, plain.weight.grad, rtol=1e-6, atol=1e-6)
+    if plain.bias is not None:
+        torch.testing.assert_close(wrapped.bias.grad, plain.bias.grad, rtol=1e-6, atol=1e-6)
+    else:
+        assert wrapped.bias is None
+    n = plain.weight.shape[0]
+    assert (mon.summary()[""]["gradient.count"] == zp.numel() // n).all()
+
+    # a NaN in the upstream gradient: nan in that neuron's grad_bias, like plain torch
+    plain.zero_grad(), wrapped.zero_grad()
+    g_nan = g.clone()
+    j = 2
+    if "linear" in case:      # neurons last
+        index = (0,) * (g.dim() - 1) + (j,)
+    elif g.dim() == len(plain.kernel_size) + 1:   # unbatched conv: channels first
+        index = (j,) + (0,) * (g.dim() - 1)
+    else:
+        index = (0, j) + (0,) * (g.dim() - 2)
+    g_nan[index] = float("nan")
+    plain(x).backward(g_nan)
+    wrapped(x).backward(g_nan)
+    if plain.bias is not None:
+        assert torch.isnan(wrapped.bias.grad[j])
+        torch.testing.assert_close(wrapped.bias.grad, plain.bias.grad, rtol=1e-6, atol=1e-6,
+                                   equal_nan=True)
+    torch.testing.assert_close(wrapped.weight.grad, plain.weight.grad, rtol=1e-6, atol=1e-6,
+                               equal_nan=True)
+    assert mon.summary()[""]["gradient.nonfinite"][j] == 1
+
+
+def test_frozen_parameters_and_input_without_grad():
+    torch.manual_seed(15)
+    plain = nn.Sequential(nn.Linear(6, 4), nn.ReLU(), nn.Conv1d(1, 3, 2))
+    plain[0].weight.requires_grad_(False)
+    plain[2].bias.requires_grad_(False)
+    wrapped = copy.deepcopy(plain)
+    lf.instrument(wrapped)
+    x = torch.randn(5, 6)
+    lp = plain[2](plain[1](plain[0](x)).unsqueeze(1)).square().sum()
+    lw = wrapped[2](wrapped[1](wrapped[0](x)).unsqueeze(1)).square().sum()
+    lp.backward()
+    lw.backward()
+    assert wrapped[0].weight.grad is None and wrapped[2].bias.grad is None
+    for p, q in zip(plain.parameters(), wrapped.parameters()):
+        if p.requires_grad:
+            torch.testing.assert_close(q.grad, p.grad, rtol=1e-6, atol=1e-6)
