@@ -12,7 +12,7 @@ import sys
 # name -> (module, one-line help)
 COMMANDS = {
     "info": ("lrfluct_fast.info", "version, backend, torch version and threads"),
-    "reproduce": ("lrfluct_fast.experiments.reproduce", "the learning-rate experiment of arXiv 2511.10435"),
+    "reproduce": ("lrfluct_fast.experiments.reproduce", "the paper's learning-rate experiment"),
     "bench": ("lrfluct_fast.benchmark.command", "lrfluct against hook-based capture, interleaved"),
 }
 
@@ -51,4 +51,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # run as `python -m lrfluct_fast.cli`: use the importable module's main, so commands'
+    # UsageError (lrfluct_fast.cli.UsageError) is the class caught there.
+    from lrfluct_fast.cli import main as package_main
+    sys.exit(package_main())

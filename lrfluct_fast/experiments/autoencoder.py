@@ -53,7 +53,8 @@ class MLPAutoencoder(nn.Module):
 
 
 class ConvAutoencoder(nn.Module):
-    def __init__(self, image_size: int, widths=DEFAULT_WIDTHS["conv"], latent: int = DEFAULT_LATENT):
+    def __init__(self, image_size: int, widths=DEFAULT_WIDTHS["conv"],
+                 latent: int = DEFAULT_LATENT):
         super().__init__()
         levels = len(widths)
         if image_size % (2 ** levels):
@@ -86,7 +87,8 @@ class ConvAutoencoder(nn.Module):
         return torch.sigmoid(self.decoder(self.encoder(x)))
 
 
-def build_autoencoder(arch: str, image_size: int, widths=None, latent: int = DEFAULT_LATENT) -> nn.Module:
+def build_autoencoder(arch: str, image_size: int, widths=None,
+                      latent: int = DEFAULT_LATENT) -> nn.Module:
     """The autoencoder `arch` ("mlp" or "conv") for [n, 1, image_size, image_size] inputs."""
     if arch not in ARCHS:
         raise ValueError(f"arch must be one of {ARCHS}, got {arch!r}")

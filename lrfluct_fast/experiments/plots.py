@@ -8,7 +8,8 @@ backend or state.
 
   reconstructions.png     one test image per class and its reconstruction at every lr
   fluctuations.png        per layer, weight and bias spread over training: the mean over
-                          neurons (line) and its spread over neurons (band, +- 1 std)
+                          neurons of spread_j (solid) and their std, the spread of the
+                          spread (dashed)
   spread_vs_lr.png        final-window mean spread and spread of the spread per layer vs lr
   participation_vs_lr.png participation ratio / N, dead fraction, mean active fraction vs lr
   loss.png                train and test reconstruction loss per epoch
@@ -31,11 +32,12 @@ FIGURES = ("reconstructions.png", "fluctuations.png", "spread_vs_lr.png",
            "participation_vs_lr.png", "loss.png")
 
 
-def _save(fig: Figure, path: str) -> None:
+def _save(fig: Figure, path: str, crop: bool = False) -> None:
+    # crop (bbox_inches="tight") costs a second draw: only for figures without tight_layout
     FigureCanvasAgg(fig)
     tmp = f"{path}.tmp"
     try:
-        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight" if crop else None)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -56,7 +58,8 @@ def _layers(results: Results) -> list[str]:
 def _colors(lrs):
     from matplotlib import colormaps
     cmap = colormaps["viridis"]
-    return {lr: cmap(i / max(len(lrs) - 1, 1) * 0.85) for i, lr in enumerate(sorted(lrs, reverse=True))}
+    ordered = sorted(lrs, reverse=True)
+    return {lr: cmap(i / max(len(ordered) - 1, 1) * 0.85) for i, lr in enumerate(ordered)}
 
 
 def reconstructions(results: Results, path: str) -> None:
@@ -78,7 +81,7 @@ def reconstructions(results: Results, path: str) -> None:
             if c == 0:
                 ax.set_ylabel(name, fontsize=8)
     fig.suptitle("test images (top) and their reconstructions per learning rate", fontsize=9)
-    _save(fig, path)
+    _save(fig, path, crop=True)
 
 
 def fluctuations(results: Results, path: str) -> None:
@@ -96,26 +99,27 @@ def fluctuations(results: Results, path: str) -> None:
                 with warnings.catch_warnings():  # a layer without bias has all-nan rows
                     warnings.simplefilter("ignore", RuntimeWarning)
                     mean, std = np.nanmean(spread, axis=1), np.nanstd(spread, axis=1)
-                ax.plot(x, mean, color=colors[lr], lw=1.2, label=f"lr {lr:g}")
-                ax.fill_between(x, np.maximum(mean - std, mean * 1e-3), mean + std,
-                                color=colors[lr], alpha=0.2, lw=0)
+                ax.plot(x, mean, color=colors[lr], lw=1.3, label=f"lr {lr:g} mean")
+                ax.plot(x, std, color=colors[lr], lw=0.9, ls="--", label=f"lr {lr:g} std")
             _log_y(ax)
             ax.set_title(f"{layer}: {kind} spread", fontsize=8)
             ax.tick_params(labelsize=7)
             if r == len(layers) - 1:
                 ax.set_xlabel("epoch", fontsize=8)
-    axes[0, 0].legend(fontsize=7)
-    fig.suptitle("fluctuations over training: mean over neurons of spread_j "
-                 "(band: +- spread of the spread)", fontsize=9)
+    axes[0, 0].legend(fontsize=6, ncol=2)
+    fig.suptitle("fluctuations over training, per window: mean over neurons of spread_j "
+                 "(solid) and its std over neurons, the spread of the spread (dashed)", fontsize=9)
     fig.tight_layout()
     _save(fig, path)
 
 
 def _per_layer_vs_lr(ax, results: Results, layers, key: str, ylabel: str, log: bool = True):
     rows = report.layer_rows(results)
+    every_layer = _layers(results)  # a layer keeps its colour in panels showing a subset
     for layer in layers:
         pts = sorted((x["lr"], x[key]) for x in rows if x["layer"] == layer)
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", lw=1, label=layer)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", lw=1, label=layer,
+                color=f"C{every_layer.index(layer) % 10}")
     ax.set_xscale("log")
     if log:
         _log_y(ax)

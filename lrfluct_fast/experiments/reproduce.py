@@ -13,11 +13,13 @@ reconstruction quality.
 Defaults, chosen where the paper's text was not available, all options:
   data       1024 training + 256 test images, 32 x 32 (shapes.py for the generator)
   model      MLP autoencoder 1024-256-64-16-64-256-1024, ReLU hidden, sigmoid output
-  training   Adam, batch 64, MSE; 100 epochs so the default run takes about 2-3 minutes
+  training   Adam, batch 64, MSE; 150 epochs so the default run takes about 2-3 minutes
              on 2 CPU cores (the paper's window is 1000 epochs: `--epochs 1000`)
   statistics per-epoch windows (`--window 1`); the report uses the last one
   monitor    `fused` = lrfluct_fast.instrument; `hooks` = the hook-based baseline
-  device     cpu (the model is small; `--device cuda` when wanted)
+  device     cpu (the model is small; `--device cuda` when wanted), one torch thread
+             (`--threads`: with 2 cores shared with other work, 2 threads ran a step
+             10x slower than 1 in our measurements; 1 costs little on an idle machine)
 
 Output folder (`--out`, default runs/reproduce): config.json, lr_<lr>.npz per learning rate
 (written atomically as soon as that lr finishes; keys in train.py), five PNGs and
@@ -39,7 +41,7 @@ from .autoencoder import ARCHS, DEFAULT_LATENT, DEFAULT_WIDTHS
 from .train import MONITORS, OPTIMIZERS
 
 DEFAULT_LRS = (1e-2, 1e-3, 1e-4)
-DEFAULT_EPOCHS = 100
+DEFAULT_EPOCHS = 150
 CONFIG = "config.json"
 
 
@@ -82,6 +84,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--optimizer", choices=OPTIMIZERS, default="adam", help="default adam")
     g.add_argument("--window", type=int, default=1,
                    help="epochs per statistics window (default 1); the report uses the last")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch intra-op threads during the run (default 1: the layers are "
+                        "small, and one thread is far faster when the cores are shared; "
+                        "0 keeps torch's setting); not part of the config")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -219,15 +225,14 @@ def _finished(path: str, lr: float, config: dict):
 
 def run(args) -> int:
     import torch
-    from tqdm import tqdm
 
     from ..cli import UsageError
     from . import plots, report
-    from .autoencoder import build_autoencoder
-    from .shapes import make_shapes
-    from .train import MonitorUnavailable, resolve_monitor, train_autoencoder
+    from .train import MonitorUnavailable, resolve_monitor
 
     config = make_config(args)
+    if args.threads < 0:
+        raise UsageError(f"--threads must be >= 0, got {args.threads}")
     try:
         factory = resolve_monitor(config["monitor"])
     except MonitorUnavailable as e:
@@ -245,35 +250,13 @@ def run(args) -> int:
             results[lr] = res
             print(f"lr {lr:g}: found {lr_filename(lr)}, skipped", file=sys.stderr)
 
-    if todo:
-        device = torch.device(config["device"])
-        data = {}
-        for split, n, seed in (("train", config["samples"], config["seed"]),
-                               ("test", config["test_samples"], config["seed"] + 1)):
-            images, labels = make_shapes(
-                n, config["image_size"], seed=seed, jitter=config["jitter"],
-                scale_range=tuple(config["scale_range"]), rotation=config["rotation"],
-                noise=config["noise"])
-            data[split] = (torch.from_numpy(images).to(device), labels)
-        bar = tqdm(total=config["epochs"] * len(todo), unit="epoch", desc="reproduce",
-                   disable=args.no_progress, file=sys.stderr, dynamic_ncols=True)
-        try:
-            for lr in todo:
-                torch.manual_seed(config["seed"])
-                model = build_autoencoder(config["arch"], config["image_size"],
-                                          config["widths"], config["latent"]).to(device)
-                res = train_autoencoder(
-                    model, data["train"][0], data["test"][0], data["test"][1], lr=lr,
-                    epochs=config["epochs"], batch_size=config["batch_size"],
-                    optimizer=config["optimizer"], window=config["window"],
-                    seed=config["seed"], monitor=factory, progress=bar)
-                path = os.path.join(out, lr_filename(lr))
-                save_result(path, res)
-                results[lr] = res
-                tqdm.write(f"lr {lr:g}: test MSE {float(res['final/test_loss']):.4g} "
-                           f"({float(res['wall_s']):.1f} s) -> {path}", file=sys.stderr)
-        finally:
-            bar.close()
+    threads = torch.get_num_threads()
+    try:
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        _train_missing(todo, config, out, results, args.no_progress, factory)
+    finally:
+        torch.set_num_threads(threads)
 
     ordered = {lr: results[lr] for lr in config["lrs"]}
     t = time.perf_counter()
@@ -281,3 +264,44 @@ def run(args) -> int:
     path = report.write_report(ordered, config, os.path.join(out, "report.md"))
     print(f"figures and report ({time.perf_counter() - t:.1f} s): {path}")
     return 0
+
+
+def _train_missing(todo, config, out, results, no_progress, factory) -> None:
+    """Train every lr of todo, saving each result as soon as it is done."""
+    import torch
+    from tqdm import tqdm
+
+    from .autoencoder import build_autoencoder
+    from .shapes import make_shapes
+    from .train import train_autoencoder
+
+    if not todo:
+        return
+    device = torch.device(config["device"])
+    data = {}
+    for split, n, seed in (("train", config["samples"], config["seed"]),
+                           ("test", config["test_samples"], config["seed"] + 1)):
+        images, labels = make_shapes(
+            n, config["image_size"], seed=seed, jitter=config["jitter"],
+            scale_range=tuple(config["scale_range"]), rotation=config["rotation"],
+            noise=config["noise"])
+        data[split] = (torch.from_numpy(images).to(device), labels)
+    bar = tqdm(total=config["epochs"] * len(todo), unit="epoch", desc="reproduce",
+               disable=no_progress, file=sys.stderr, dynamic_ncols=True)
+    try:
+        for lr in todo:
+            torch.manual_seed(config["seed"])
+            model = build_autoencoder(config["arch"], config["image_size"],
+                                      config["widths"], config["latent"]).to(device)
+            res = train_autoencoder(
+                model, data["train"][0], data["test"][0], data["test"][1], lr=lr,
+                epochs=config["epochs"], batch_size=config["batch_size"],
+                optimizer=config["optimizer"], window=config["window"],
+                seed=config["seed"], monitor=factory, progress=bar)
+            path = os.path.join(out, lr_filename(lr))
+            save_result(path, res)
+            results[lr] = res
+            tqdm.write(f"lr {lr:g}: test MSE {float(res['final/test_loss']):.4g} "
+                       f"({float(res['wall_s']):.1f} s) -> {path}", file=sys.stderr)
+    finally:
+        bar.close()

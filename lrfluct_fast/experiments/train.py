@@ -5,8 +5,9 @@ stepped, read and reset, and the layout of one run's results (a flat dict of num
 the keys below, saved as one npz by `reproduce`). It does not build the data or the model,
 write files or plot.
 
-Loop: Adam (default; `optimizer="sgd"` for plain SGD) on the mean squared reconstruction
-error, mini-batches of `batch_size` in an order reshuffled every epoch from `seed`;
+Loop: Adam (default: the usual choice for a small PyTorch autoencoder, and plain SGD at
+1e-4 barely moves in a short window; `optimizer="sgd"` for plain SGD) on the mean squared
+reconstruction error, mini-batches of `batch_size` in an order reshuffled every epoch from `seed`;
 `monitor.step()` after every optimizer step. Statistics windows: the monitor is read and
 reset every `window` epochs (default 1, so each history row is one epoch's fluctuations:
 a weight's temporal std over that epoch's steps, activations and gradients of that epoch's
@@ -22,7 +23,7 @@ Result keys (N = a layer's neurons, W = windows, E = epochs):
                                                            epoch's batches, in training)
   history/window_end                                       [W] epoch closing each window
   history/<layer>/weight.spread, .../bias.spread,
-  history/<layer>/activation.active_fraction               [W, N]
+  history/<layer>/activation.active_fraction               [W, N] float32
   history/<layer>/metric.<name>                            [W], every key of mon.metrics()
   summary/<layer>/<key>                                    the last window's mon.summary()
   metrics/<layer>/<name>                                   the last window's mon.metrics()
@@ -68,7 +69,8 @@ def resolve_monitor(monitor) -> Callable[[nn.Module], object]:
     if monitor in ("hooks", "snapshot"):
         from .. import baselines
         return baselines.HookStreaming if monitor == "hooks" else baselines.HookSnapshot
-    raise ValueError(f"monitor must be a callable or one of {(*MONITORS, 'snapshot')}, got {monitor!r}")
+    raise ValueError(f"monitor must be a callable or one of {(*MONITORS, 'snapshot')}, "
+                     f"got {monitor!r}")
 
 
 def make_optimizer(name: str, params, lr: float) -> torch.optim.Optimizer:
@@ -93,7 +95,8 @@ def evaluate(model: nn.Module, images: torch.Tensor, batch_size: int = 1024) -> 
 
 
 def _first_of_each_class(labels: np.ndarray) -> np.ndarray:
-    return np.array([int(np.flatnonzero(labels == c)[0]) for c in np.unique(labels)], dtype=np.int64)
+    return np.array([int(np.flatnonzero(labels == c)[0]) for c in np.unique(labels)],
+                    dtype=np.int64)
 
 
 def train_autoencoder(model: nn.Module, train_images: torch.Tensor, test_images: torch.Tensor,
@@ -115,7 +118,6 @@ def train_autoencoder(model: nn.Module, train_images: torch.Tensor, test_images:
     n = train_images.shape[0]
     steps_per_epoch = -(-n // batch_size)
     order_gen = torch.Generator().manual_seed(seed)
-    opt = make_optimizer(optimizer, model.parameters(), lr)
 
     train_loss, test_loss, window_end = [], [], []
     history: dict[str, list] = {}
@@ -123,6 +125,8 @@ def train_autoencoder(model: nn.Module, train_images: torch.Tensor, test_images:
     model.train()
     start_time = time.perf_counter()
     mon = factory(model)
+    # after instrumenting: the optimizer must hold the parameters the wrapped modules use
+    opt = make_optimizer(optimizer, model.parameters(), lr)
     try:
         for epoch in range(1, epochs + 1):
             total = torch.zeros((), dtype=torch.float64, device=device)
@@ -179,7 +183,9 @@ def train_autoencoder(model: nn.Module, train_images: torch.Tensor, test_images:
         "recon/labels": labels[pick].astype(np.int64),
     }
     for key, rows in history.items():
-        out[key] = np.stack([np.asarray(r, dtype=np.float64) for r in rows])
+        # per-neuron histories in float32: they dominate the file size on long runs
+        dtype = np.float64 if "/metric." in key else np.float32
+        out[key] = np.stack([np.asarray(r, dtype=dtype) for r in rows])
     for layer in layers:
         for key, value in summary[layer].items():
             out[f"summary/{layer}/{key}"] = np.asarray(value)
