@@ -1,7 +1,8 @@
 """Which kernels serve which device, decided once at import.
 
 CPU: the C++ extension `lrfluct_fast._C` when it is built and loads, else plain torch ops
-(with one warning). CUDA: plain torch ops until Triton kernels are registered.
+(with one warning). CUDA: the Triton kernels when triton imports (LRFLUCT_DISABLE_TRITON=1
+opts out), else plain torch ops.
 This module owns that choice and `backend()`; it defines no op.
 """
 from __future__ import annotations
@@ -26,7 +27,11 @@ except (ImportError, OSError) as e:  # not built, or built against another torch
         f"(slower). Build it with `pip install --no-build-isolation -e .` ({_cpp_error})",
         RuntimeWarning, stacklevel=2)
 
-ops.register_torch_fallback("cuda")
+_cuda_backend = "triton" if torch.cuda.is_available() and ops.triton_usable() else "torch"
+if _cuda_backend == "triton":
+    ops.register_triton("cuda")
+else:
+    ops.register_torch_fallback("cuda")
 
 
 def backend(device: str | torch.device | None = None) -> str:
@@ -39,6 +44,8 @@ def backend(device: str | torch.device | None = None) -> str:
     kind = torch.device(device).type
     if kind == "cpu":
         return "torch" if _cpp_error else "cpp"
+    if kind == "cuda":
+        return _cuda_backend
     return "torch"
 
 

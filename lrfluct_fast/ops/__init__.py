@@ -2,7 +2,8 @@
 registration), C++ CPU kernels in csrc/, registered here for the devices they serve.
 
 Call them through `torch.ops.lrfluct.<op>` or the functions below: the dispatcher picks the
-kernel by device (C++ on CPU when built, plain torch otherwise).
+kernel by device (C++ on CPU when built, Triton on CUDA when triton imports, plain torch
+otherwise). `<op>_torch` and `<op>_triton` call one implementation directly.
 """
 from __future__ import annotations
 
@@ -12,14 +13,21 @@ from . import batch_stats as _batch_stats
 from . import merge_stats as _merge_stats
 from . import temporal_update as _temporal_update
 from ._library import COUNT, LIB, M2, MEAN, NONFINITE, POSITIVE, SHIFT, check, mean_of, moments_dtype
-from .batch_stats import batch_stats_reference, batch_stats_torch
-from .merge_stats import merge_stats_torch
-from .temporal_update import new_state, temporal_stats, temporal_stats_reference, temporal_update_torch
+from ._triton_config import triton_usable
+from .batch_stats import batch_stats_reference, batch_stats_torch, batch_stats_triton
+from .merge_stats import merge_stats_torch, merge_stats_triton
+from .temporal_update import (new_state, temporal_stats, temporal_stats_reference, temporal_update_torch,
+                              temporal_update_triton)
 
 TORCH_IMPLS = {
     "batch_stats": batch_stats_torch,
     "merge_stats": merge_stats_torch,
     "temporal_update": temporal_update_torch,
+}
+TRITON_IMPLS = {
+    "batch_stats": batch_stats_triton,
+    "merge_stats": merge_stats_triton,
+    "temporal_update": temporal_update_triton,
 }
 CHECKS = {
     "batch_stats": _batch_stats.check_args,
@@ -31,6 +39,12 @@ CHECKS = {
 def register_torch_fallback(device_type: str) -> None:
     """Serve `device_type` tensors with the plain-torch implementations."""
     for name, fn in TORCH_IMPLS.items():
+        LIB.impl(name, fn, device_type.upper())
+
+
+def register_triton(device_type: str = "cuda") -> None:
+    """Serve `device_type` tensors with the Triton kernels (see triton_usable())."""
+    for name, fn in TRITON_IMPLS.items():
         LIB.impl(name, fn, device_type.upper())
 
 
@@ -54,5 +68,7 @@ __all__ = [
     "batch_stats", "merge_stats", "temporal_update",
     "batch_stats_reference", "temporal_stats_reference",
     "batch_stats_torch", "merge_stats_torch", "temporal_update_torch",
-    "TORCH_IMPLS", "CHECKS", "register_torch_fallback",
+    "batch_stats_triton", "merge_stats_triton", "temporal_update_triton",
+    "TORCH_IMPLS", "TRITON_IMPLS", "CHECKS", "register_torch_fallback", "register_triton",
+    "triton_usable",
 ]

@@ -9,14 +9,18 @@ computed as (shift_b - shift_a) + (mean_b - mean_a) in float64. Merging is exact
 statistics of a stream of batches equal those of one batch holding every row.
 
 The float64 reference of a merged stream is batch_stats_reference of all its rows.
-Order in this file: plain-torch implementation, registration.
-Kernels: C++ in csrc/merge_stats.cpp (CPU).
+Order in this file: plain-torch implementation, Triton kernel and launcher, registration.
+Kernels: C++ in csrc/merge_stats.cpp (CPU), Triton here (CUDA): elementwise over N with the
+arithmetic in float64, as the other backends (O(N) work once per backward: the precision is
+free).
 """
 from __future__ import annotations
 
 import torch
 
+from . import _triton_config as tcfg
 from ._library import COUNT, LIB, M2, MEAN, SHIFT, STATE_DTYPES, check, check_state
+from ._triton_config import tl, triton
 
 SCHEMA = ("merge_stats(Tensor(a!) counts, Tensor(b!) moments, "
           "Tensor batch_counts, Tensor batch_moments) -> ()")
@@ -45,6 +49,61 @@ def merge_stats_torch(counts, moments, batch_counts, batch_moments) -> None:
     moments[M2] = moments[M2].double() + batch_moments[M2].double() + delta.square() * na * nb / n
     moments[SHIFT] = shift
     counts.add_(batch_counts)
+
+
+if triton is not None:
+    @triton.jit
+    def _merge_stats_kernel(
+        Counts,        # [3, N] int64, updated in place: COUNT, POSITIVE, NONFINITE
+        Moments,       # [3, N] float32/float64, updated in place: MEAN, M2, SHIFT
+        BatchCounts,   # [3, N] int64
+        BatchMoments,  # [3, N] same dtype as Moments
+        N, BLOCK: tl.constexpr,
+    ):
+        cols = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        ok = cols < N
+        n_a = tl.load(Counts + cols, mask=ok, other=0)
+        n_b = tl.load(BatchCounts + cols, mask=ok, other=0)
+        mean_a = tl.load(Moments + cols, mask=ok, other=0.0).to(tl.float64)  # 0 while n_a == 0
+        m2_a = tl.load(Moments + N + cols, mask=ok, other=0.0).to(tl.float64)
+        shift_a = tl.load(Moments + N + N + cols, mask=ok, other=0.0).to(tl.float64)
+        mean_b = tl.load(BatchMoments + cols, mask=ok, other=0.0).to(tl.float64)
+        m2_b = tl.load(BatchMoments + N + cols, mask=ok, other=0.0).to(tl.float64)
+        shift_b = tl.load(BatchMoments + N + N + cols, mask=ok, other=0.0).to(tl.float64)
+        # The state keeps its shift, or adopts the batch's while it has no observation.
+        shift = tl.where(n_a > 0, shift_a, shift_b)
+        na = n_a.to(tl.float64)
+        nb = n_b.to(tl.float64)
+        n = tl.maximum(na + nb, 1.0)
+        delta = ((shift_b - shift) + mean_b) - mean_a
+        out_ty = Moments.dtype.element_ty
+        take = ok & (n_b > 0)  # an empty batch leaves the moments bit for bit
+        tl.store(Moments + cols, (mean_a + delta * (nb / n)).to(out_ty), mask=take)
+        m2 = m2_a + m2_b + delta * delta * (na * nb / n)
+        tl.store(Moments + N + cols, m2.to(out_ty), mask=take)
+        tl.store(Moments + N + N + cols, shift.to(out_ty), mask=take)
+        tl.store(Counts + cols, n_a + n_b, mask=ok)
+        pos = cols + N
+        tl.store(Counts + pos, tl.load(Counts + pos, mask=ok) + tl.load(BatchCounts + pos, mask=ok),
+                 mask=ok)
+        nonfinite = cols + N + N
+        tl.store(Counts + nonfinite,
+                 tl.load(Counts + nonfinite, mask=ok) + tl.load(BatchCounts + nonfinite, mask=ok),
+                 mask=ok)
+
+
+def merge_stats_triton(counts, moments, batch_counts, batch_moments) -> None:
+    """Triton kernel (CUDA, or CPU under TRITON_INTERPRET=1); float64 arithmetic."""
+    check_args(counts, moments, batch_counts, batch_moments)
+    tcfg.require(counts.device)
+    n = counts.shape[1]
+    if n == 0:
+        return
+    cfg = tcfg.launch_config("merge_stats", counts.device, cols=n)
+    with tcfg.device_guard(counts.device):
+        _merge_stats_kernel[(triton.cdiv(n, cfg["BLOCK"]),)](
+            counts, moments, batch_counts, batch_moments, n,
+            BLOCK=cfg["BLOCK"], num_warps=cfg["num_warps"])
 
 
 LIB.define(SCHEMA)

@@ -1,0 +1,124 @@
+"""Whether the Triton kernels can run, and the launch settings of every one of them.
+
+Owns: the optional `import triton` (the package must import without it), the check that
+a tensor's device can run the kernels, and `launch_config`, the one place where block
+sizes, warps and grid shapes are chosen. It holds no kernel.
+
+Two regimes: compiled kernels on CUDA tensors, and the Triton interpreter
+(`TRITON_INTERPRET=1` set before triton is imported) on CPU tensors, which is how CI runs
+them. The interpreter runs one numpy program instance at a time, so it gets few programs
+with big blocks; the GPU gets enough programs to fill every SM.
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+    TRITON_ERROR: str | None = None
+except ImportError as e:  # optional dependency: `pip install lrfluct_fast[triton]`
+    triton = tl = None
+    TRITON_ERROR = f"{type(e).__name__}: {e}"
+
+# Kernels are interpreted when this was set as triton was imported (the same import as here).
+INTERPRET = TRITON_ERROR is None and os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def triton_usable() -> bool:
+    """Triton kernels may serve CUDA tensors (importable, not disabled by LRFLUCT_DISABLE_TRITON=1)."""
+    return TRITON_ERROR is None and os.environ.get("LRFLUCT_DISABLE_TRITON") != "1"
+
+
+def require(device: torch.device) -> None:
+    """Raise a RuntimeError unless Triton kernels can run on tensors of `device`."""
+    if TRITON_ERROR is not None:
+        raise RuntimeError(f"lrfluct_fast: Triton kernels need triton ({TRITON_ERROR}); "
+                           "install it with `pip install triton`")
+    if device.type == "cpu" and not INTERPRET:
+        raise RuntimeError("lrfluct_fast: Triton kernels run on CUDA tensors, or on CPU tensors "
+                           "with TRITON_INTERPRET=1 set before triton is imported")
+
+
+def device_guard(device: torch.device):
+    """Launch on the tensors' GPU (Triton launches on the current device)."""
+    if device.type == "cuda":
+        return torch.cuda.device(device)
+    return _no_guard()
+
+
+class _no_guard:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def acc_type(dtype: torch.dtype):
+    """Triton accumulation type for a torch statistics dtype (float32 or float64)."""
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def triton_type(dtype: torch.dtype):
+    return {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16,
+            torch.float32: tl.float32, torch.float64: tl.float64}[dtype]
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 1
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def launch_config(op: str, device: torch.device, **size) -> dict:
+    """Block sizes, warps and grid for one launch of `op` on tensors of `device`.
+
+    batch_stats(rows, cols): tiles [BLOCK_R, BLOCK_N]; grid (column blocks, row chunks) with
+        enough programs for ~4 per SM (interpreter: ~4 in all, so the cross-chunk merge still
+        runs); COMBINE_BLOCK columns per program of the kernel that merges the chunks.
+    merge_stats(cols), temporal_update(): BLOCK elements per step; temporal_update's
+        programs each own CHUNK consecutive elements of one tensor.
+    """
+    interp = INTERPRET
+    warps = 4
+    if op == "batch_stats":
+        rows, cols = size["rows"], size["cols"]
+        if interp:
+            block_n = min(512, _pow2(cols))
+            block_r = min(_pow2(rows), max(16, 131072 // block_n), 256)
+            programs = 4
+        else:
+            # 128 columns: 512 contiguous bytes per fp32 row; ~4096 elements a tile, 32 per thread.
+            block_n = min(128, max(16, _pow2(cols)))
+            block_r = min(max(16, 4096 // block_n), 256)
+            programs = 4 * _sm_count(device)
+        col_blocks = _cdiv(cols, block_n)
+        tiles = _cdiv(rows, block_r)
+        chunks = min(tiles, max(1, _cdiv(programs, col_blocks)))
+        tiles_per_chunk = _cdiv(tiles, chunks)
+        chunks = _cdiv(tiles, tiles_per_chunk)
+        combine_block = min(4096 if interp else 256, _pow2(cols))
+        return dict(BLOCK_R=block_r, BLOCK_N=block_n, col_blocks=col_blocks, chunks=chunks,
+                    tiles_per_chunk=tiles_per_chunk, COMBINE_BLOCK=combine_block, num_warps=warps)
+    if op == "merge_stats":
+        block = min(4096 if interp else 1024, _pow2(size["cols"]))
+        return dict(BLOCK=block, num_warps=warps)
+    if op == "temporal_update":
+        # GPU: 16 steps of 1024 per program, so a 10M-parameter model still makes ~600 programs.
+        # 8 warps: 4 elements a thread keeps registers near 80 (the pointers are int64).
+        block = 4096 if interp else 1024
+        return dict(BLOCK=block, CHUNK=block if interp else 16 * block, num_warps=8)
+    raise KeyError(op)
