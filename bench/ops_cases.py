@@ -11,7 +11,8 @@ import torch
 from lrfluct_fast import ops
 
 SHAPES = [(1024, 1024), (4096, 4096), (4096, 8192)]
-BACKENDS = ["cpp", "torch", "reference"]
+BACKENDS = ["cpp", "torch", "reference"]       # on CPU tensors
+CUDA_BACKENDS = ["triton", "torch"]            # on CUDA tensors
 OPS = ["batch_stats+merge", "temporal_update", "copy"]
 
 
@@ -19,26 +20,29 @@ def _stats_state(n, dtype):
     return torch.zeros(3, n, dtype=torch.int64), torch.zeros(3, n, dtype=ops.moments_dtype(dtype))
 
 
-def make_case(op: str, backend: str, shape, dtype=torch.float32):
-    """Returns (fn, bytes_moved) or None where the combination does not exist."""
-    x = torch.randn(shape).to(dtype)
+def make_case(op: str, backend: str, shape, dtype=torch.float32, device="cpu"):
+    """Returns (fn, bytes_moved) or None where the combination does not exist.
+
+    "cpp" and "triton" call the dispatched op (C++ on CPU tensors, Triton on CUDA tensors)."""
+    x = torch.randn(shape, device=device).to(dtype)
     es, numel = x.element_size(), x.numel()
     if op == "copy":
         dst = torch.empty_like(x)
         return (lambda: dst.copy_(x)), 2 * numel * es
     if op == "batch_stats+merge":
-        counts, moments = _stats_state(shape[1], dtype)
-        stats = {"cpp": ops.batch_stats, "torch": ops.batch_stats_torch,
+        counts, moments = (t.to(device) for t in _stats_state(shape[1], dtype))
+        stats = {"cpp": ops.batch_stats, "triton": ops.batch_stats, "torch": ops.batch_stats_torch,
                  "reference": ops.batch_stats_reference}[backend]
-        merge = ops.merge_stats_torch if backend != "cpp" else ops.merge_stats
+        merge = ops.merge_stats_torch if backend in ("torch", "reference") else ops.merge_stats
         if backend == "reference":
-            counts, moments = _stats_state(shape[1], torch.float64)
+            counts, moments = (t.to(device) for t in _stats_state(shape[1], torch.float64))
         return (lambda: merge(counts, moments, *stats(x))), numel * es
     if op == "temporal_update":
         if backend == "reference":
             return None  # the reference of a trajectory needs all snapshots: not a streaming op
         state = ops.new_state(x)
-        update = {"cpp": ops.temporal_update, "torch": ops.temporal_update_torch}[backend]
+        update = {"cpp": ops.temporal_update, "triton": ops.temporal_update,
+                  "torch": ops.temporal_update_torch}[backend]
         # read value, read+write count (int32) and three float32 moment rows
         return (lambda: update([x], [state[0]], [state[1]])), numel * (es + 2 * 4 + 2 * 3 * 4)
     raise ValueError(op)

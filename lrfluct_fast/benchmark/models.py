@@ -4,6 +4,7 @@
   gpt          GPT-style decoder from nn.Linear layers: 6 layers, d_model 512, 8 heads,
                sequence 256, batch 8, vocabulary 1024, next-token cross-entropy
   autoencoder  the paper experiment's MLP autoencoder on 32x32 eight-shape images, batch 64
+  gpt2-medium  24 layers, d_model 1024, sequence 1024, batch 8, bf16 autocast (for a GPU)
 
 A user's model plugs in as "package.module:factory", a function factory(device) returning
 (model, optimizer, batch) or (model, optimizer, batch, loss_fn); batch is a tensor or a tuple
@@ -88,6 +89,17 @@ def gpt(device, vocab=1024, d=512, layers=6, heads=8, seq=256, batch=8, dtype=No
     return Workload(model, torch.optim.AdamW(model.parameters(), 1e-4), (idx,), gpt_loss)
 
 
+def gpt2_medium(device, batch=8, seq=1024) -> Workload:
+    """GPT-2-medium-sized (24 layers, d_model 1024, 16 heads, vocabulary 50257), trained in
+    bf16 autocast with float32 master weights: the GPU overhead target's workload."""
+    w = gpt(device, vocab=50257, d=1024, layers=24, heads=16, seq=seq, batch=batch)
+
+    def loss_bf16(model, b):
+        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
+            return gpt_loss(model, b)
+    return Workload(w.model, w.optimizer, w.batch, loss_bf16)
+
+
 def autoencoder(device, image_size=32, batch=64) -> Workload:
     from ..experiments.autoencoder import build_autoencoder
     from ..experiments.shapes import make_shapes
@@ -96,7 +108,7 @@ def autoencoder(device, image_size=32, batch=64) -> Workload:
     return Workload(model, torch.optim.Adam(model.parameters(), 1e-3), (images, images), mse_loss)
 
 
-BUILTIN = {"mlp": mlp, "gpt": gpt, "autoencoder": autoencoder}
+BUILTIN = {"mlp": mlp, "gpt": gpt, "autoencoder": autoencoder, "gpt2-medium": gpt2_medium}
 
 
 def resolve(spec: str):

@@ -1,0 +1,59 @@
+"""The monitor on CUDA tensors (Triton kernels) against the float64 hook-snapshot reference.
+
+Skipped without a GPU; bench/gpu_check.sh runs it on one.
+"""
+import copy
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import lrfluct_fast as lf
+from lrfluct_fast.baselines import HookSnapshot
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def mlp():
+    return nn.Sequential(nn.Linear(37, 301), nn.ReLU(), nn.Linear(301, 129), nn.GELU(), nn.Linear(129, 7))
+
+
+def cnn():
+    return nn.Sequential(nn.Conv2d(3, 13, 3, padding=1), nn.ReLU(), nn.Conv2d(13, 6, 3, stride=2),
+                         nn.Flatten(), nn.LazyLinear(5))
+
+
+def train(model, monitor_cls, x, y, steps=4, autocast=False):
+    monitor = monitor_cls(model)
+    opt = torch.optim.Adam(model.parameters(), 1e-3)
+    for _ in range(steps):
+        opt.zero_grad()
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+            loss = (model(x).float() - y).square().mean()
+        loss.backward()
+        opt.step()
+        monitor.step()
+    return monitor.summary()
+
+
+@pytest.mark.parametrize("make, shape, autocast", [
+    (mlp, (64, 37), False), (mlp, (64, 37), True), (cnn, (8, 3, 11, 11), False)])
+def test_cuda_matches_snapshot(make, shape, autocast):
+    assert lf.backend("cuda") == "triton"
+    torch.manual_seed(0)
+    x = torch.randn(shape, device="cuda")
+    model = make().cuda()
+    model(x)  # materialise lazy layers
+    y = torch.randn_like(model(x).float())
+    ours = train(copy.deepcopy(model), lf.instrument, x, y, autocast=autocast)
+    ref = train(copy.deepcopy(model), HookSnapshot, x, y, autocast=autocast)
+    rtol = 2e-2 if autocast else 1e-4
+    for layer, keys in ours.items():
+        for key, got in keys.items():
+            want = ref[layer][key]
+            if key.endswith(("count", "nonfinite")) or key == "steps":
+                np.testing.assert_array_equal(got, want, err_msg=f"{layer} {key}")
+            else:
+                scale = np.nanmax(np.abs(want)) if np.isfinite(want).any() else 1.0
+                np.testing.assert_allclose(got, want, rtol=rtol, atol=rtol * scale, err_msg=f"{layer} {key}")
