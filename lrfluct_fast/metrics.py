@@ -146,3 +146,37 @@ def summarize_stats(prefix: str, counts: np.ndarray, moments: np.ndarray) -> dic
     if prefix == "activation":
         out[f"{prefix}.active_fraction"] = np.where(seen, counts[_POSITIVE] / denom, np.nan)
     return out
+
+
+def temporal_var(counts: np.ndarray, moments: np.ndarray) -> np.ndarray:
+    """Population variance over steps, M2 / count, from temporal (counts, moments); nan where
+    an element has no observation."""
+    n = np.asarray(counts).astype(np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(n > 0, _f64(moments)[_M2] / n, np.nan)
+
+
+def layer_summary(buffers: Mapping[str, np.ndarray], *, track: Mapping[str, bool],
+                  weight_mode: str, steps: int) -> dict[str, np.ndarray]:
+    """One layer's summary (the keys of DESIGN section 2) from its packed statistics on host.
+
+    `buffers` holds the LayerState buffers as numpy arrays ("activation.counts",
+    "activation.moments", ...); "weight.spread" may stand in for the weight's
+    (counts, moments), already reduced per neuron, and then "weight.temporal_var" is absent.
+    """
+    b, s = buffers, {}
+    for kind in ("activation", "gradient"):
+        if track[kind]:
+            s.update(summarize_stats(kind, b[f"{kind}.counts"], b[f"{kind}.moments"]))
+    if track["weight"]:
+        if "weight.spread" in b:
+            s["weight.spread"] = _f64(b["weight.spread"])
+        elif weight_mode == "element":
+            s["weight.temporal_var"] = temporal_var(b["weight.counts"], b["weight.moments"])
+            s["weight.spread"] = weight_spread(s["weight.temporal_var"])
+        else:
+            s["weight.spread"] = np.sqrt(temporal_var(b["weight.counts"], b["weight.moments"]))
+    if track["bias"]:
+        s["bias.spread"] = np.sqrt(temporal_var(b["bias.counts"], b["bias.moments"]))
+    s["steps"] = np.array(steps, dtype=np.int64)
+    return s

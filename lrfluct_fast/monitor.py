@@ -21,6 +21,17 @@ Options (keyword arguments of `instrument`):
   dead_threshold  a neuron is dead when its active fraction is below this (0.01)
   energy       the per-neuron energy of the participation ratio: "weight" (spread^2),
                "gradient" (gradient var) or "activation" (activation var)
+  log_dir      a run directory to write (None: off); see rundir.py for its files,
+               crash safety and resume. Written by a writer thread, by rank 0 only.
+  log_every    metrics (mon.metrics() values) appended to metrics.csv every this many steps (100)
+  summary_every  per-neuron summaries written every this many steps (1000), and at
+               flush() / close()
+  tensorboard  also write TensorBoard scalars and histograms (False; needs tensorboard)
+  log_errors   a failed write: "warn" (training goes on) or "raise" (the next step raises)
+
+Under an initialized torch.distributed process group, summary(), metrics() and logging merge
+every rank's activation and gradient statistics (distributed.py): they are collectives, to be
+called on every rank. FSDP is refused.
 """
 from __future__ import annotations
 
@@ -30,11 +41,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import metrics, ops
+from . import distributed, metrics, ops, rundir
 from .nn import WRAPPERS, LayerState, unsupported_reason
 
 _OPTION_DEFAULTS = dict(activations=True, gradients=True, weights=True, biases=True, every=1,
-                        weight_mode="element", dead_threshold=0.01, energy="weight")
+                        weight_mode="element", dead_threshold=0.01, energy="weight",
+                        log_dir=None, log_every=100, summary_every=1000, tensorboard=False,
+                        log_errors="warn")
 
 
 class Monitor:
@@ -48,6 +61,7 @@ class Monitor:
         self.options = options
         self.steps = 0
         self._removed = False
+        self._run: rundir.RunLog | None = None  # the run directory, with instrument(log_dir=...)
 
     def _states(self):
         return [(name, m._lrfluct) for name, m in self.layers.items()]
@@ -76,6 +90,8 @@ class Monitor:
         observe_next = self.steps % self.options["every"] == 0
         for _, st in self._states():
             st.sampling = observe_next
+        if self._run is not None:
+            self._run.after_step(self)
 
     def reset(self) -> None:
         """Start a new window: forget every statistic and the step count."""
@@ -89,26 +105,10 @@ class Monitor:
     def summary(self) -> dict[str, dict[str, np.ndarray]]:
         """{layer: {key: numpy array}} with the keys of DESIGN section 2."""
         self._check_live()
-        host = {name: {k: t.cpu().numpy() for k, t in st.buffers.items()} for name, st in self._states()}
-        out = {}
-        for name, st in self._states():
-            b = host[name]
-            s: dict[str, np.ndarray] = {}
-            for kind in ("activation", "gradient"):
-                if st.track[kind]:
-                    s.update(metrics.summarize_stats(kind, b[f"{kind}.counts"], b[f"{kind}.moments"]))
-            if st.track["weight"]:
-                var = _temporal_var(b["weight.counts"], b["weight.moments"])
-                if st.weight_mode == "element":
-                    s["weight.temporal_var"] = var
-                    s["weight.spread"] = metrics.weight_spread(var)
-                else:
-                    s["weight.spread"] = np.sqrt(var)
-            if st.track["bias"]:
-                s["bias.spread"] = np.sqrt(_temporal_var(b["bias.counts"], b["bias.moments"]))
-            s["steps"] = np.array(self.steps, dtype=np.int64)
-            out[name] = s
-        return out
+        host = distributed.host_buffers(self._states())  # every rank's batches, merged
+        return {name: metrics.layer_summary(host[name], track=st.track, weight_mode=st.weight_mode,
+                                            steps=self.steps)
+                for name, st in self._states()}
 
     def metrics(self) -> dict[str, dict[str, float]]:
         """{layer: {metric: float}}: spread_of_spread, spread_cv, participation_ratio, ..."""
@@ -120,19 +120,38 @@ class Monitor:
         """Bytes of statistics state the monitor holds (flat over steps)."""
         return sum(t.numel() * t.element_size() for _, st in self._states() for t in st.buffers.values())
 
+    # -- run directory --------------------------------------------------------------------
+    def flush(self) -> None:
+        """Write a summary of this step and wait until the run directory holds everything
+        logged so far (no-op without log_dir; a collective under a process group)."""
+        self._check_live()
+        if self._run is not None:
+            self._run.flush(self)
+
+    def close(self) -> None:
+        """flush(), then end the writer; monitoring goes on without a run directory."""
+        if self._run is not None and not self._removed:
+            run, self._run = self._run, None
+            run.close(self)
+
     # -- persistence ----------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        return {"version": 1, "steps": self.steps, "options": dict(self.options),
-                "layers": {name: {k: t.clone() for k, t in st.buffers.items()}
-                           for name, st in self._states()}}
+        sd = {"version": 1, "steps": self.steps, "options": dict(self.options),
+              "layers": {name: {k: t.clone() for k, t in st.buffers.items()}
+                         for name, st in self._states()}}
+        if self._run is not None:
+            sd["run"] = self._run.state_dict()  # waits until the files hold every logged step
+        return sd
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
         """Restore statistics saved by state_dict() into a Monitor of the same model and options."""
         self._check_live()
         if sd.get("version") != 1:
             raise ValueError(f"unsupported monitor state version {sd.get('version')!r}")
-        if sd["options"] != self.options:
-            raise ValueError(f"monitor options differ: saved {sd['options']}, now {self.options}")
+        saved_opts, opts = ({k: v for k, v in o.items() if k not in rundir.LOG_OPTIONS}
+                            for o in (sd["options"], self.options))
+        if saved_opts != opts:
+            raise ValueError(f"monitor options differ: saved {saved_opts}, now {opts}")
         if set(sd["layers"]) != set(self.layers):
             raise ValueError(f"monitored layers differ: saved {sorted(sd['layers'])}, "
                              f"now {sorted(self.layers)}")
@@ -141,6 +160,8 @@ class Monitor:
             for key, t in st.buffers.items():
                 if key not in saved or saved[key].shape != t.shape:
                     raise ValueError(f"state of layer {name!r}: {key} missing or of another shape")
+        if self._run is not None:
+            self._run.load_state_dict(sd.get("run"), int(sd["steps"]))
         for name, st in self._states():
             for key, t in st.buffers.items():
                 t.copy_(sd["layers"][name][key])
@@ -152,10 +173,13 @@ class Monitor:
         """Put the original torch modules back (same objects, trained parameters kept)."""
         if self._removed:
             return
-        for name, m in self.layers.items():
-            m.__class__ = self._originals[name]
-            del m._lrfluct
-        self._removed = True
+        try:
+            self.close()  # writes the last summary (a collective under a process group)
+        finally:
+            for name, m in self.layers.items():
+                m.__class__ = self._originals[name]
+                del m._lrfluct
+            self._removed = True
 
     def _check_live(self) -> None:
         if self._removed:
@@ -164,12 +188,6 @@ class Monitor:
     def __repr__(self) -> str:
         return (f"Monitor({len(self.layers)} layers, {len(self.skipped)} skipped, "
                 f"steps={self.steps}, backend={_backend_name(self.layers)})")
-
-
-def _temporal_var(counts: np.ndarray, moments: np.ndarray) -> np.ndarray:
-    n = counts.astype(np.float64)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(n > 0, moments[ops.M2].astype(np.float64) / n, np.nan)
 
 
 def _backend_name(layers) -> str:
@@ -191,6 +209,8 @@ def instrument(model: nn.Module, **options) -> Monitor:
         raise TypeError(f"instrument() got unknown options {sorted(unknown)}; "
                         f"known: {sorted(_OPTION_DEFAULTS)}")
     opts = {**_OPTION_DEFAULTS, **options}
+    rundir.check_options(opts)
+    distributed.check_not_sharded(model)
     if not isinstance(opts["every"], int) or opts["every"] < 1:
         raise ValueError(f"every must be an integer >= 1, got {opts['every']!r}")
     if opts["weight_mode"] not in ("element", "neuron"):
@@ -220,4 +240,11 @@ def instrument(model: nn.Module, **options) -> Monitor:
     if not layers:
         raise ValueError(f"nothing to monitor in {type(model).__name__}: it has no nn.Linear, "
                          f"nn.Conv1d or nn.Conv2d layer (skipped: {skipped or 'none'})")
-    return Monitor(layers, originals, skipped, opts)
+    mon = Monitor(layers, originals, skipped, opts)
+    if opts["log_dir"] is not None:
+        try:
+            mon._run = rundir.RunLog(mon)
+        except BaseException:
+            mon.remove()
+            raise
+    return mon
