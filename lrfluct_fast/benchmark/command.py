@@ -96,13 +96,13 @@ def _run_model(spec, args, modes, raw):
         results = runner.run(make, args.device, modes, args.steps, args.warmup, progress=tick)
     finally:
         bar.close()
-    agree = runner.agreement(make, args.device)
+    agree, where = runner.agreement(make, args.device)
     raw[spec] = {m: {"times_s": r.times, "monitor_bytes": r.memory, "snapshot_resets": r.resets}
                  for m, r in results.items()}
     raw[spec]["agreement_max_rel_diff"] = agree
     lines = [f"## {spec}", "", *_table(results, modes), "",
              f"Agreement: lrfluct vs hook-streaming statistics, max relative difference over "
-             f"every summary key after 2 identical steps: {agree:.1e} "
+             f"every summary key over 2 steps of one model monitored both ways: {agree:.1e} at {where} "
              f"({'agree' if agree < 1e-3 else 'DISAGREE'}).", ""]
     print("\n".join(lines))
     return results, lines

@@ -146,32 +146,34 @@ def memory_curve(make_workload, device, mode: str, steps: int, every: int,
     return curve
 
 
-def agreement(make_workload, device, steps: int = 2) -> float:
-    """Max relative difference over every summary key between lrfluct and hook-streaming
-    trained identically: the check that both modes compute the same statistics."""
-    summaries = []
-    for mode in ("lrfluct", "hook-streaming"):
-        torch.manual_seed(0)
-        w = make_workload(device)
-        monitor, _ = attach(mode, w.model)
-        for _ in range(steps):
-            w.optimizer.zero_grad(set_to_none=True)
-            w.loss_fn(w.model, w.batch).backward()
-            w.optimizer.step()
-            monitor.step()
-        summaries.append(monitor.summary())
-        monitor.remove()
-    worst = 0.0
+def agreement(make_workload, device, steps: int = 2) -> tuple[float, str]:
+    """Max relative difference over every summary key between lrfluct and hook-streaming,
+    and the key where it is: the check that both modes compute the same statistics. Both
+    monitor one model on one trajectory (the hooks sit on the wrapped layers), since two
+    separate runs round their float32 weights differently and would test that instead."""
+    torch.manual_seed(0)
+    w = make_workload(device)
+    ours, _ = attach("lrfluct", w.model)
+    theirs, _ = attach("hook-streaming", w.model)
+    for _ in range(steps):
+        w.optimizer.zero_grad(set_to_none=True)
+        w.loss_fn(w.model, w.batch).backward()
+        w.optimizer.step()
+        ours.step()
+        theirs.step()
+    summaries = [ours.summary(), theirs.summary()]
+    theirs.remove()
+    ours.remove()
+    worst, where = 0.0, ""
     ours, theirs = summaries
     for layer, keys in ours.items():
         for key, a in keys.items():
-            b = theirs[layer][key]
-            a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+            a, b = np.asarray(a, np.float64), np.asarray(theirs[layer][key], np.float64)
             scale = np.nanmax(np.abs(b)) if b.size and np.isfinite(b).any() else 1.0
             diff = np.abs(a - b)[np.isfinite(a - b)]
-            if diff.size:
-                worst = max(worst, float(diff.max() / (scale or 1.0)))
-    return worst
+            if diff.size and diff.max() / (scale or 1.0) > worst:
+                worst, where = float(diff.max() / (scale or 1.0)), f"{layer} {key}"
+    return worst, where
 
 
 def overheads(results: dict[str, ModeResult]) -> dict[str, float]:
