@@ -19,15 +19,7 @@ def test_train_step(benchmark, model, mode):
     w = models.BUILTIN[model]("cpu")
     monitor, context = runner.attach(mode, w.model)
 
-    def step():
-        w.optimizer.zero_grad(set_to_none=True)
-        with context():
-            w.loss_fn(w.model, w.batch).backward()
-        w.optimizer.step()
-        if monitor is not None:
-            monitor.step()
-
-    benchmark.pedantic(step, rounds=5 if model == "mlp" else 30, warmup_rounds=2)
+    benchmark.pedantic(runner.train_step, args=(w, monitor, context), rounds=5 if model == "mlp" else 30, warmup_rounds=2)
     benchmark.extra_info["monitor_bytes"] = runner.monitor_bytes(monitor)
     if monitor is not None:
         monitor.remove()

@@ -58,7 +58,10 @@ def _check(args) -> list[str]:
         modes = ["none", *modes]
     try:
         args.factories = {spec: models.resolve(spec) for spec in args.model}
-    except ValueError as e:
+        for spec, make in args.factories.items():
+            if spec not in models.BUILTIN:
+                make(args.device)  # a user's factory: check what it returns before any output
+    except models.FactoryError as e:
         raise UsageError(str(e)) from None
     try:
         os.makedirs(args.out, exist_ok=True)

@@ -23,6 +23,10 @@ import torch.nn.functional as F
 from torch import nn
 
 
+class FactoryError(ValueError):
+    """A model spec or a user's factory that cannot give a workload (a one-line reason)."""
+
+
 @dataclass
 class Workload:
     model: nn.Module
@@ -112,28 +116,28 @@ BUILTIN = {"mlp": mlp, "gpt": gpt, "autoencoder": autoencoder, "gpt2-medium": gp
 
 
 def resolve(spec: str):
-    """The factory named by a built-in name or "module:factory"; ValueError with a one-line reason."""
+    """The factory named by a built-in name or "module:factory"; FactoryError if there is none."""
     if spec in BUILTIN:
         return BUILTIN[spec]
     if ":" not in spec:
-        raise ValueError(f"unknown model {spec!r}: use one of {sorted(BUILTIN)} or module:factory")
+        raise FactoryError(f"unknown model {spec!r}: use one of {sorted(BUILTIN)} or module:factory")
     module_name, _, attr = spec.partition(":")
     try:
         factory = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as e:
-        raise ValueError(f"cannot load factory {spec!r}: {e}") from None
+        raise FactoryError(f"cannot load factory {spec!r}: {e}") from None
     if not callable(factory):
-        raise ValueError(f"{spec} is not callable")
+        raise FactoryError(f"{spec} is not callable")
     return partial(_user_workload, spec, factory)
 
 
 def _user_workload(spec, factory, device) -> Workload:
     out = factory(device)
     if not isinstance(out, tuple) or len(out) not in (3, 4):
-        raise ValueError(f"{spec} must return (model, optimizer, batch[, loss_fn]), got {type(out).__name__}")
+        raise FactoryError(f"{spec} must return (model, optimizer, batch[, loss_fn]), got {type(out).__name__}")
     model, optimizer, batch = out[:3]
     if not isinstance(model, nn.Module) or not isinstance(optimizer, torch.optim.Optimizer):
-        raise ValueError(f"{spec} must return an nn.Module and a torch.optim.Optimizer first")
+        raise FactoryError(f"{spec} must return an nn.Module and a torch.optim.Optimizer first")
     batch = batch if isinstance(batch, tuple) else (batch,)
     loss_fn = out[3] if len(out) == 4 else (mse_loss if len(batch) == 2 else
                                             (lambda m, b: m(*b).float().square().mean()))

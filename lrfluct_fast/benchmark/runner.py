@@ -50,6 +50,16 @@ def attach(mode: str, model):
             "hook-snapshot": baselines.HookSnapshot}[mode](model), contextlib.nullcontext
 
 
+def train_step(w: Workload, monitor=None, context=contextlib.nullcontext) -> None:
+    """One optimizer step of a workload, then the monitor's step."""
+    w.optimizer.zero_grad(set_to_none=True)
+    with context():
+        w.loss_fn(w.model, w.batch).backward()
+    w.optimizer.step()
+    if monitor is not None:
+        monitor.step()
+
+
 def monitor_bytes(monitor) -> int:
     return 0 if monitor is None else monitor.memory_bytes()
 
@@ -91,24 +101,15 @@ def run(make_workload, device, modes=MODES, steps=20, warmup=3, progress=None,
         runs[mode] = (w, attach(mode, w.model))
     results = {mode: ModeResult() for mode in modes}
 
-    def step(mode):
-        w, (monitor, context) = runs[mode]
-        w.optimizer.zero_grad(set_to_none=True)
-        with context():
-            w.loss_fn(w.model, w.batch).backward()
-        w.optimizer.step()
-        if monitor is not None:
-            monitor.step()
-
     for i in range(warmup + steps):
         order = list(modes[i % len(modes):]) + list(modes[:i % len(modes)])
         for mode in order:
+            w, (monitor, context) = runs[mode]
             _sync(device)
             t0 = time.perf_counter()
-            step(mode)
+            train_step(w, monitor, context)
             _sync(device)
             dt = time.perf_counter() - t0
-            monitor = runs[mode][1][0]
             if i >= warmup:
                 results[mode].times.append(dt)
                 results[mode].memory.append(monitor_bytes(monitor))
@@ -131,12 +132,7 @@ def memory_curve(make_workload, device, mode: str, steps: int, every: int,
     monitor, context = attach(mode, w.model)
     curve = [(0, monitor_bytes(monitor))]
     for i in range(1, steps + 1):
-        w.optimizer.zero_grad(set_to_none=True)
-        with context():
-            w.loss_fn(w.model, w.batch).backward()
-        w.optimizer.step()
-        if monitor is not None:
-            monitor.step()
+        train_step(w, monitor, context)
         if i % every == 0 or i == steps:
             curve.append((i, monitor_bytes(monitor)))
             if curve[-1][1] > budget:
@@ -156,10 +152,7 @@ def agreement(make_workload, device, steps: int = 2) -> tuple[float, str]:
     ours, _ = attach("lrfluct", w.model)
     theirs, _ = attach("hook-streaming", w.model)
     for _ in range(steps):
-        w.optimizer.zero_grad(set_to_none=True)
-        w.loss_fn(w.model, w.batch).backward()
-        w.optimizer.step()
-        ours.step()
+        train_step(w, ours)
         theirs.step()
     summaries = [ours.summary(), theirs.summary()]
     theirs.remove()

@@ -28,36 +28,46 @@ def _grad_bias(stats, dtype):
     return torch.where(counts[NONFINITE] > 0, float("nan"), total).to(dtype)
 
 
-def _gradient_stats(state: LayerState, grad_z: torch.Tensor, need_bias: bool):
-    if not (state.track["gradient"] or need_bias):
+def _save(ctx, state: LayerState, z, x, weight) -> None:
+    """Forward bookkeeping: this call's activation stats wait on its own autograd node."""
+    ctx.state = state
+    ctx.pending = ops.batch_stats(neuron_rows(state.kind, z)) if state.track["activation"] else None
+    ctx.save_for_backward(x, weight)
+
+
+def _gradient_stats(ctx, grad_z: torch.Tensor):
+    """One read of dL/dz: its statistics, which also give grad_bias."""
+    state: LayerState = ctx.state
+    if not (state.track["gradient"] or ctx.needs_input_grad[2]):
         return None
     return ops.batch_stats(neuron_rows(state.kind, grad_z))
+
+
+def _finish(ctx, stats, grad_z):
+    """Merge this call's pending activation stats and its gradient stats; return grad_bias."""
+    ctx.state.merge("activation", ctx.pending)
+    ctx.state.merge("gradient", stats)
+    ctx.pending = None
+    return _grad_bias(stats, grad_z.dtype) if ctx.needs_input_grad[2] else None
 
 
 class LinearWithStats(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, state: LayerState):
         z = F.linear(x, weight, bias)
-        ctx.state = state
-        ctx.pending = ops.batch_stats(z.reshape(-1, z.shape[-1])) if state.track["activation"] else None
-        ctx.save_for_backward(x, weight)
+        _save(ctx, state, z, x, weight)
         return z
 
     @staticmethod
     def backward(ctx, grad_z):
         x, weight = ctx.saved_tensors
-        state: LayerState = ctx.state
-        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        need_x, need_w = ctx.needs_input_grad[:2]
         grad_z = grad_z.contiguous()
-        stats = _gradient_stats(state, grad_z, need_b)
+        stats = _gradient_stats(ctx, grad_z)
         g2 = grad_z.reshape(-1, grad_z.shape[-1])
         grad_x = (grad_z @ weight) if need_x else None
         grad_w = (g2.t() @ x.reshape(-1, x.shape[-1])) if need_w else None
-        grad_b = _grad_bias(stats, grad_z.dtype) if need_b else None
-        state.merge("activation", ctx.pending)
-        state.merge("gradient", stats)
-        ctx.pending = None
-        return grad_x, grad_w, grad_b, None
+        return grad_x, grad_w, _finish(ctx, stats, grad_z), None
 
 
 class ConvWithStats(torch.autograd.Function):
@@ -65,27 +75,20 @@ class ConvWithStats(torch.autograd.Function):
     def forward(ctx, x, weight, bias, state: LayerState, stride, padding, dilation, groups):
         conv = {3: F.conv1d, 4: F.conv2d}[x.dim()]
         z = conv(x, weight, bias, stride, padding, dilation, groups)
-        ctx.state = state
         ctx.conv = (stride, padding, dilation, groups)
-        ctx.pending = ops.batch_stats(neuron_rows("conv", z)) if state.track["activation"] else None
-        ctx.save_for_backward(x, weight)
+        _save(ctx, state, z, x, weight)
         return z
 
     @staticmethod
     def backward(ctx, grad_z):
         x, weight = ctx.saved_tensors
-        state: LayerState = ctx.state
         stride, padding, dilation, groups = ctx.conv
-        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        need_x, need_w = ctx.needs_input_grad[:2]
         grad_z = grad_z.contiguous()
-        stats = _gradient_stats(state, grad_z, need_b)
+        stats = _gradient_stats(ctx, grad_z)
         grad_x = grad_w = None
         if need_x or need_w:
             grad_x, grad_w, _ = torch.ops.aten.convolution_backward(
                 grad_z, x, weight, None, stride, padding, dilation, False,
                 [0] * len(stride), groups, [need_x, need_w, False])
-        grad_b = _grad_bias(stats, grad_z.dtype) if need_b else None
-        state.merge("activation", ctx.pending)
-        state.merge("gradient", stats)
-        ctx.pending = None
-        return grad_x, grad_w, grad_b, None, None, None, None, None
+        return grad_x, grad_w, _finish(ctx, stats, grad_z), None, None, None, None, None

@@ -1,0 +1,60 @@
+"""`lrfluct bench` as a user runs it: a user's factory end to end, and the one-line errors."""
+import json
+import os
+import sys
+
+import pytest
+
+from lrfluct_fast import cli
+
+sys.path.insert(0, os.path.dirname(__file__))  # so "factories:tiny" imports
+
+
+def test_user_factory_writes_report(tmp_path, capsys):
+    out = tmp_path / "bench"
+    rc = cli.main(["bench", "--model", "factories:tiny", "--steps", "3", "--warmup", "1",
+                   "--modes", "lrfluct", "hook-streaming", "hook-snapshot", "--out", str(out)])
+    assert rc == 0
+    report = (out / "bench.md").read_text()
+    for mode in ("none", "lrfluct", "hook-streaming", "hook-snapshot"):
+        assert f"| {mode} |" in report
+    assert "(agree)" in report
+    raw = json.loads((out / "bench.json").read_text())
+    assert len(raw["factories:tiny"]["lrfluct"]["times_s"]) == 3
+    assert raw["factories:tiny"]["agreement_max_rel_diff"] < 1e-3
+    # lrfluct's memory is flat; the snapshot's grows with every step
+    assert len(set(raw["factories:tiny"]["lrfluct"]["monitor_bytes"])) == 1
+    snap = raw["factories:tiny"]["hook-snapshot"]["monitor_bytes"]
+    assert snap[0] < snap[1] < snap[2]
+    assert (out / "overhead.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--model", "no_such_module:f"], "cannot load factory"),
+    (["--model", "factories:missing"], "cannot load factory"),
+    (["--model", "factories:not_callable"], "is not callable"),
+    (["--model", "resnet"], "unknown model"),
+    (["--model", "factories:wrong"], "must return (model, optimizer, batch"),
+    (["--device", "cuda:7"], "CUDA is not available"),
+    (["--steps", "0"], "--steps must be >= 1"),
+    (["--modes", "telepathy"], "unknown or unavailable modes"),
+])
+def test_bad_arguments_exit_2(tmp_path, capsys, argv, message):
+    if "cuda" in argv[-1]:
+        pytest.importorskip("torch")
+        import torch
+        if torch.cuda.is_available():
+            pytest.skip("a GPU is present")
+    rc = cli.main(["bench", "--out", str(tmp_path / "b"), "--steps", "1", "--warmup", "0",
+                   "--model", "factories:tiny", *argv])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2
+    assert len(err) == 1 and message in err[0], err
+
+
+def test_unwritable_out_exits_2(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    rc = cli.main(["bench", "--model", "factories:tiny", "--out", str(blocker / "sub")])
+    assert rc == 2
+    assert "cannot write to --out" in capsys.readouterr().err
