@@ -366,7 +366,7 @@ def test_write_error_raises_with_log_errors_raise(tmp_path, monkeypatch):
     def disk_full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
     net, opt, mon = _run(tmp_path / "run", 1, log_every=1, summary_every=2, log_errors="raise")
-    monkeypatch.setattr(rundir.np, "savez", disk_full)
+    monkeypatch.setattr(np, "savez", disk_full)  # the module the writer saves with
     _train_step(net, opt, mon, 2)  # its summary write fails in the writer thread
     with pytest.raises(RuntimeError, match="log_errors='raise'") as info:
         mon.flush()

@@ -1,0 +1,138 @@
+"""The run directory's files: names, atomic writes, the CSV and run.json readers."""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import re
+from typing import Any
+
+
+
+FORMAT = 1
+RUN_FILE, METRICS_FILE, SUMMARY_DIR, TB_DIR = "run.json", "metrics.csv", "summaries", "tensorboard"
+SUMMARY_NAME = re.compile(r"step_(\d{9,})\.npz")
+
+
+# -- files ------------------------------------------------------------------------------------
+def csv_header(columns) -> str:
+    return ",".join(["step", "layer", *columns]) + "\n"
+
+
+def atomic_write(path: str, data: bytes) -> None:
+    head, tail = os.path.split(path)
+    tmp = os.path.join(head, f".{tail}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+def write_json(path: str, obj) -> None:
+    atomic_write(path, (json.dumps(obj, indent=1) + "\n").encode("utf-8"))
+
+
+def cut_partial_line(path: str, header: str) -> None:
+    """Drop a last line without its newline (a write that was killed or failed)."""
+    with open(path, "r+b") as f:
+        size = f.seek(0, os.SEEK_END)
+        if size == 0:
+            f.write(header.encode())
+            return
+        f.seek(size - 1)
+        if f.read(1) == b"\n":
+            return
+        pos = size
+        while pos > 0:
+            start = max(0, pos - 65536)
+            f.seek(start)
+            i = f.read(pos - start).rfind(b"\n")
+            if i >= 0:
+                f.truncate(start + i + 1)
+                return
+            pos = start
+        f.seek(0)
+        f.truncate(0)
+        f.write(header.encode())
+
+
+def has_data(path: str) -> bool:
+    """The directory holds logged steps: metrics rows or summaries."""
+    try:
+        with open(os.path.join(path, METRICS_FILE), "rb") as f:
+            head = f.read(65536)
+        nl = head.find(b"\n")
+        if nl >= 0 and len(head) > nl + 1:
+            return True
+    except FileNotFoundError:
+        pass
+    sdir = os.path.join(path, SUMMARY_DIR)
+    return os.path.isdir(sdir) and any(SUMMARY_NAME.fullmatch(f) for f in os.listdir(sdir))
+
+
+def truncate_after(path: str, step: int, columns) -> None:
+    """Keep what was logged up to `step`: metrics.csv rewritten atomically, later summaries
+    and leftover temp files removed."""
+    file = os.path.join(path, METRICS_FILE)
+    header, rows = read_csv(file) if os.path.exists(file) else (None, [])
+    buf = io.StringIO()
+    buf.write(",".join(header) + "\n" if header else csv_header(columns))
+    w = csv.writer(buf, lineterminator="\n")
+    for _, row in rows:
+        if int(row[0]) <= step:
+            w.writerow(row)
+    atomic_write(file, buf.getvalue().encode("utf-8"))
+    sdir = os.path.join(path, SUMMARY_DIR)
+    os.makedirs(sdir, exist_ok=True)
+    for name in os.listdir(sdir):
+        m = SUMMARY_NAME.fullmatch(name)
+        if (m and int(m.group(1)) > step) or name.endswith(".tmp"):
+            os.remove(os.path.join(sdir, name))
+    for name in os.listdir(path):
+        if name.startswith(".") and name.endswith(".tmp"):
+            os.remove(os.path.join(path, name))
+
+
+def read_csv(file: str) -> tuple[list[str] | None, list[tuple[int, list[str]]]]:
+    """(header, [(line number, row)]) of the complete lines of metrics.csv; ValueError naming
+    the file and line for anything that is not a metrics row."""
+    with open(file, "rb") as f:
+        raw = f.read()
+    raw = raw[:raw.rfind(b"\n") + 1]  # a partial last line is a killed write, not data
+    try:
+        rows = list(csv.reader(io.StringIO(raw.decode("utf-8"))))
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise ValueError(f"corrupt metrics file {file}: {e}") from None
+    if not rows:
+        return None, []
+    header = rows[0]
+    if header[:2] != ["step", "layer"]:
+        raise ValueError(f"corrupt metrics file {file}: line 1 is not the header 'step,layer,...'")
+    out = []
+    for i, row in enumerate(rows[1:], start=2):
+        if len(row) != len(header):
+            raise ValueError(f"corrupt metrics file {file}, line {i}: {len(row)} fields, "
+                             f"the header has {len(header)}")
+        try:
+            int(row[0])
+            [float(v) for v in row[2:]]
+        except ValueError:
+            raise ValueError(f"corrupt metrics file {file}, line {i}: not a number in {row}") from None
+        out.append((i, row))
+    return header, out
+
+
+def read_run_info(path: str) -> dict[str, Any]:
+    file = os.path.join(path, RUN_FILE)
+    try:
+        with open(file, "rb") as f:
+            info = json.loads(f.read().decode("utf-8"))
+    except FileNotFoundError:
+        raise ValueError(f"{path} is not a run directory: it has no {RUN_FILE}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"corrupt run file {file}: {e}") from None
+    if not isinstance(info, dict) or not {"run_id", "layers", "format"} <= set(info):
+        raise ValueError(f"corrupt run file {file}: not an lrfluct_fast run description")
+    if info["format"] != FORMAT:
+        raise ValueError(f"{file}: run directory format {info['format']!r}, this version reads {FORMAT}")
+    return info

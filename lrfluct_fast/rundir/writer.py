@@ -1,0 +1,226 @@
+"""The writer thread: device-side snapshots at a logging step, host copies, summaries,
+metrics and file writes off the training step's critical path."""
+from __future__ import annotations
+
+import atexit
+import csv
+import io
+import os
+import queue
+import threading
+import warnings
+import weakref
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+import numpy as np
+from .. import distributed, metrics, ops
+from .files import METRICS_FILE, SUMMARY_DIR, TB_DIR, cut_partial_line, csv_header
+
+
+QUEUE_SIZE = 8
+_STOP = object()
+
+
+def summary_writer_class():
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as e:
+        raise ImportError("tensorboard=True needs the tensorboard package "
+                          "(pip install tensorboard)") from e
+    return SummaryWriter
+
+
+# -- snapshot: the only work a logging step does on the statistics --------------------------
+@torch.no_grad()
+def snapshot(states, *, per_rank: bool = True) -> dict[str, dict[str, torch.Tensor]]:
+    """Device-side copies of what a logged step needs: {layer: {buffer key: tensor}}.
+
+    The element-mode weight state (weight-sized) is replaced by its per-neuron
+    "weight.spread"; per_rank=False leaves out the activation and gradient statistics
+    (they travel through distributed.pack instead).
+    """
+    out = {}
+    for name, st in states:
+        snap = {}
+        element = st.track["weight"] and st.weight_mode == "element"
+        for key, t in st.buffers.items():
+            kind = key.partition(".")[0]
+            if (kind == "weight" and element) or (kind in distributed.PER_RANK and not per_rank):
+                continue
+            snap[key] = t.clone()
+        if element:
+            snap["weight.spread"] = _weight_spread(st.buffers["weight.counts"],
+                                                   st.buffers["weight.moments"])
+        out[name] = snap
+    return out
+
+
+def _weight_spread(counts: torch.Tensor, moments: torch.Tensor) -> torch.Tensor:
+    """metrics.weight_spread of the temporal variance, on the device ([N])."""
+    dtype = torch.float32 if counts.device.type == "mps" else torch.float64
+    n = counts.to(dtype)
+    var = torch.where(n > 0, moments[ops.M2].to(dtype) / n, torch.nan)
+    return var.reshape(var.shape[0], -1).mean(1).sqrt()
+
+
+@dataclass
+class Item:
+    step: int                       # the run's step
+    steps: int                      # Monitor.steps (since reset): the summaries' "steps"
+    buffers: dict
+    gathered: torch.Tensor | None   # distributed.all_gather(pack(...)), or None
+    layout: list | None
+    metrics: bool
+    summary: bool
+    event: Any = None               # CUDA event recorded after the copies
+
+
+# -- the writer thread ------------------------------------------------------------------------
+class Writer:
+    """Turns snapshots into files, in a daemon thread fed by a bounded queue."""
+
+    def __init__(self, path: str, specs, metric_options, columns, tensorboard: bool,
+                 log_errors: str):
+        self.path, self.specs, self.metric_options = path, specs, metric_options
+        self.columns, self.tensorboard, self.log_errors = columns, tensorboard, log_errors
+        self.queue: queue.Queue = queue.Queue(QUEUE_SIZE)
+        self.errors = 0
+        self.failure: BaseException | None = None   # the first error, with log_errors="raise"
+        self.purge_step: int | None = None          # TensorBoard: drop events from here on
+        self._tb = None
+        self._cut_tail = True  # metrics.csv may end in a partial line: cut it before appending
+        self._thread = threading.Thread(target=self._loop, name="lrfluct-rundir", daemon=True)
+        self._thread.start()
+        _LIVE.add(self)
+
+    def put(self, item) -> None:
+        """Blocks while the queue is full (nothing is dropped)."""
+        while True:
+            try:
+                self.queue.put(item, timeout=1.0)
+                return
+            except queue.Full:
+                if not self._thread.is_alive():
+                    raise RuntimeError("lrfluct_fast: the run directory writer thread is gone") from None
+
+    def drain(self) -> None:
+        if self._thread.is_alive():
+            self.queue.join()
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Write what is queued, close TensorBoard, end the thread."""
+        if self._thread.is_alive():
+            try:
+                self.queue.put(_STOP, timeout=timeout)
+            except queue.Full:
+                return
+            self._thread.join(timeout)
+
+    def stop_soon(self) -> None:
+        try:
+            self.queue.put_nowait(_STOP)
+        except queue.Full:
+            pass
+
+    def _loop(self) -> None:
+        while True:
+            item = self.queue.get()
+            try:
+                if item is _STOP:
+                    if self._tb is not None:
+                        self._tb.close()
+                    return
+                if self.failure is None:  # after a failure with log_errors="raise": discard
+                    self._write(item)
+            except BaseException as err:  # the thread must outlive any error
+                self._failed(err, item)
+            finally:
+                self.queue.task_done()
+
+    def _failed(self, err: BaseException, item) -> None:
+        self.errors += 1
+        self._cut_tail = True
+        if self.log_errors == "raise":
+            self.failure = self.failure or err
+            return
+        if self.errors == 1 or self.errors % 100 == 0:
+            step = getattr(item, "step", "?")
+            warnings.warn(f"lrfluct_fast: writing step {step} to the run directory {self.path} "
+                          f"failed ({type(err).__name__}: {err}); training goes on and that "
+                          f"step's records are lost ({self.errors} failed writes so far; "
+                          f"log_errors='raise' stops training instead)", RuntimeWarning)
+
+    def _write(self, item: Item) -> None:
+        if item.event is not None:
+            item.event.synchronize()
+        host = {name: {k: t.cpu().numpy() for k, t in bufs.items()}
+                for name, bufs in item.buffers.items()}
+        if item.gathered is not None:
+            for name, merged in distributed.merge_ranks(item.gathered.cpu(), item.layout).items():
+                host[name].update(merged)
+        summaries = {name: metrics.layer_summary(host[name], track=track, weight_mode=mode,
+                                                 steps=item.steps)
+                     for name, (track, mode) in self.specs.items()}
+        if item.metrics:
+            self._append_metrics(item.step, summaries)
+        if item.summary:
+            self._write_summary(item.step, summaries)
+        if self._tb is not None:
+            self._tb.flush()
+
+    def _append_metrics(self, step: int, summaries) -> None:
+        values = {name: metrics.layer_metrics(s, **self.metric_options) for name, s in summaries.items()}
+        buf = io.StringIO()
+        w = csv.writer(buf, lineterminator="\n")
+        for name, m in values.items():
+            w.writerow([step, name, *(m[c] for c in self.columns)])
+        path = os.path.join(self.path, METRICS_FILE)
+        if self._cut_tail:
+            cut_partial_line(path, csv_header(self.columns))
+            self._cut_tail = False
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND)  # no O_CREAT: a vanished file is an error
+        try:
+            data = memoryview(buf.getvalue().encode("utf-8"))
+            while data:
+                data = data[os.write(fd, data):]
+        finally:
+            os.close(fd)
+        if self.tensorboard:
+            tb = self._tb_writer()
+            for name, m in values.items():
+                for c, v in m.items():
+                    tb.add_scalar(f"{name}/{c}", v, step)
+
+    def _write_summary(self, step: int, summaries) -> None:
+        arrays = {f"{name}/{key}": v for name, s in summaries.items() for key, v in s.items()}
+        sdir = os.path.join(self.path, SUMMARY_DIR)
+        tmp = os.path.join(sdir, f".step_{step:09d}.npz.tmp")
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+        os.replace(tmp, os.path.join(sdir, f"step_{step:09d}.npz"))
+        if self.tensorboard:
+            tb = self._tb_writer()
+            for name, s in summaries.items():
+                for key in ("weight.spread", "bias.spread"):
+                    v = s.get(key)
+                    v = v[np.isfinite(v)] if v is not None else None
+                    if v is not None and v.size:
+                        tb.add_histogram(f"{name}/{key}", v, step)
+
+    def _tb_writer(self):
+        if self._tb is None:
+            self._tb = summary_writer_class()(os.path.join(self.path, TB_DIR),
+                                               purge_step=self.purge_step)
+        return self._tb
+
+
+_LIVE: "weakref.WeakSet[Writer]" = weakref.WeakSet()
+
+
+@atexit.register
+def _drain_at_exit() -> None:
+    for w in list(_LIVE):
+        w.stop(timeout=30.0)
