@@ -21,7 +21,7 @@ Options (keyword arguments of `instrument`):
   dead_threshold  a neuron is dead when its active fraction is below this (0.01)
   energy       the per-neuron energy of the participation ratio: "weight" (spread^2),
                "gradient" (gradient var) or "activation" (activation var)
-  log_dir      a run directory to write (None: off); see rundir.py for its files,
+  log_dir      a run directory to write (None: off); see rundir/__init__.py for its files,
                crash safety and resume. Written by a writer thread, by rank 0 only.
   log_every    metrics (mon.metrics() values) appended to metrics.csv every this many steps (100)
   summary_every  per-neuron summaries written every this many steps (1000), and at
