@@ -33,19 +33,19 @@ import torch
 from torch import nn
 
 from . import metrics, ops
+from .nn.layer_state import neuron_rows as layer_rows
 
 SUPPORTED = (nn.Linear, nn.Conv1d, nn.Conv2d)
 KINDS = ("activation", "gradient", "weight", "bias")
 
 
 def neuron_rows(module: nn.Module, t: torch.Tensor) -> torch.Tensor:
-    """View a layer output (or its gradient) as [R, N]: neurons last, every other dim rows."""
+    """The [R, N] view the wrappers use (nn.layer_state.neuron_rows); an unbatched conv
+    output (channels in dim 0) gets its batch dim first."""
     if isinstance(module, nn.Linear):
-        return t.reshape(-1, t.shape[-1])
-    # ConvNd: channels are dim 1 of a batched output, dim 0 of an unbatched one.
-    spatial = len(module.kernel_size)
-    channel_dim = 1 if t.dim() == spatial + 2 else 0
-    return t.movedim(channel_dim, -1).reshape(-1, t.shape[channel_dim])
+        return layer_rows("linear", t)
+    unbatched = t.dim() == len(module.kernel_size) + 1
+    return layer_rows("conv", t.unsqueeze(0) if unbatched else t)
 
 
 class _HookMonitor:

@@ -9,9 +9,6 @@ from __future__ import annotations
 
 import torch
 
-from . import batch_stats as _batch_stats
-from . import merge_stats as _merge_stats
-from . import temporal_update as _temporal_update
 from ._library import COUNT, LIB, M2, MEAN, NONFINITE, POSITIVE, SHIFT, check, mean_of, moments_dtype
 from ._triton_config import triton_usable
 from .batch_stats import batch_stats_reference, batch_stats_torch, batch_stats_triton
@@ -29,13 +26,6 @@ TRITON_IMPLS = {
     "merge_stats": merge_stats_triton,
     "temporal_update": temporal_update_triton,
 }
-CHECKS = {
-    "batch_stats": _batch_stats.check_args,
-    "merge_stats": _merge_stats.check_args,
-    "temporal_update": _temporal_update.check_args,
-}
-
-
 def register_torch_fallback(device_type: str) -> None:
     """Serve `device_type` tensors with the plain-torch implementations."""
     for name, fn in TORCH_IMPLS.items():
@@ -69,6 +59,6 @@ __all__ = [
     "batch_stats_reference", "temporal_stats_reference",
     "batch_stats_torch", "merge_stats_torch", "temporal_update_torch",
     "batch_stats_triton", "merge_stats_triton", "temporal_update_triton",
-    "TORCH_IMPLS", "TRITON_IMPLS", "CHECKS", "register_torch_fallback", "register_triton",
+    "TORCH_IMPLS", "TRITON_IMPLS", "register_torch_fallback", "register_triton",
     "triton_usable",
 ]
