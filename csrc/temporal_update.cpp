@@ -1,71 +1,124 @@
 // temporal_update on CPU: Welford update of per-element (count, mean, M2) for a list of tensors
-// in one call. Each element is shifted by its first finite value, so float32 state keeps the
-// precision of fluctuations many orders below the value itself (weights near 0.3 moving 1e-5). All tensors are validated before any state changes; the work is one parallel
-// loop over (tensor, chunk) pairs so small and large tensors share the threads.
+// in one call (state layout: lrfluct_fast/ops/temporal_update.py). Each element is shifted by
+// its first finite value, so float32 state keeps the precision of fluctuations many orders
+// below the value itself (weights near 0.3 moving 1e-5). All tensors are validated before any
+// state changes; the work is one parallel loop over (tensor, chunk) pairs so small and large
+// tensors share the threads.
 #include "common.h"
 
 namespace lrfluct {
 namespace {
 
 constexpr int64_t kChunk = 1 << 16;  // elements per task
+constexpr int64_t kCalls = 0, kSkipped = 1;  // rows of a tally
 
 // Arithmetic in the state's dtype: after the shift every operand is a small deviation that
-// float32 carries as exactly as it is stored; this branch-free form vectorises (10x faster
+// float32 carries as exactly as it is stored; these branch-free loops vectorise (10x faster
 // than double arithmetic, which does not).
-template <typename scalar_t, typename acc_t>
-LRFLUCT_SIMD_CLONES void welford_chunk(const scalar_t* __restrict__ v, int32_t* __restrict__ count,
-                                       acc_t* __restrict__ mean, acc_t* __restrict__ m2,
-                                       acc_t* __restrict__ shift, int64_t e0, int64_t e1) {
+
+// The common case: no element of the tensor was ever skipped and this is not its first call,
+// so every element has the same count and a shift already. Reads v, shift, mean, M2 and writes
+// mean, M2: 24 bytes per float32 element. Returns how many values were non-finite (skipped).
+template <typename value_t, typename acc_t>
+LRFLUCT_SIMD_CLONES int64_t welford_uniform(const value_t* __restrict__ v, acc_t* __restrict__ mean,
+                                            acc_t* __restrict__ m2, const acc_t* __restrict__ shift,
+                                            acc_t inv_count, int64_t e0, int64_t e1) {
+  int64_t skipped = 0;
   for (int64_t e = e0; e < e1; ++e) {
     const acc_t x = static_cast<acc_t>(v[e]);
     const bool finite = (x - x) == acc_t(0);  // false for NaN and +-Inf
-    const int32_t c_old = count[e];
-    const acc_t s = (finite & (c_old == 0)) ? x : shift[e];
-    const int32_t c = c_old + (finite ? 1 : 0);
     const acc_t mean_old = mean[e];
-    const acc_t d = finite ? x - s : mean_old;  // small: weights move slowly
-    const acc_t delta = d - mean_old;           // 0 for a skipped value
-    const acc_t mean_new = mean_old + delta / static_cast<acc_t>(c > 0 ? c : 1);
-    count[e] = c;
+    const acc_t d = finite ? x - shift[e] : mean_old;  // small: weights move slowly
+    const acc_t delta = d - mean_old;                  // 0 for a skipped value
+    const acc_t mean_new = mean_old + delta * inv_count;
+    mean[e] = mean_new;
+    m2[e] = m2[e] + delta * (d - mean_new);
+    skipped += finite ? 0 : 1;
+  }
+  return skipped;
+}
+
+// Any other call: per-element counts (calls - skipped), first observations set the shift.
+template <typename value_t, typename acc_t>
+LRFLUCT_SIMD_CLONES int64_t welford_general(const value_t* __restrict__ v, int32_t* __restrict__ skip,
+                                            acc_t* __restrict__ mean, acc_t* __restrict__ m2,
+                                            acc_t* __restrict__ shift, int64_t calls, int64_t e0,
+                                            int64_t e1) {
+  int64_t skipped = 0;
+  for (int64_t e = e0; e < e1; ++e) {
+    const acc_t x = static_cast<acc_t>(v[e]);
+    const bool finite = (x - x) == acc_t(0);
+    const int64_t count_before = calls - skip[e];
+    const acc_t s = (finite & (count_before == 0)) ? x : shift[e];
+    const acc_t mean_old = mean[e];
+    const acc_t d = finite ? x - s : mean_old;
+    const acc_t delta = d - mean_old;
+    const acc_t mean_new = mean_old + delta / static_cast<acc_t>(count_before + 1);
+    skip[e] += finite ? 0 : 1;
     shift[e] = s;
     mean[e] = mean_new;
     m2[e] = m2[e] + delta * (d - mean_new);
+    skipped += finite ? 0 : 1;
   }
+  return skipped;
 }
 
-void temporal_update_cpu(at::TensorList values, at::TensorList counts, at::TensorList moments) {
+template <typename value_t, typename acc_t>
+int64_t update_chunk(const value_t* v, int32_t* skip, acc_t* state, int64_t n, int64_t calls,
+                     bool clean, int64_t e0, int64_t e1) {
+  acc_t *mean = state + kMean * n, *m2 = state + kM2 * n, *shift = state + kShift * n;
+  if (!clean || calls == 0) return welford_general(v, skip, mean, m2, shift, calls, e0, e1);
+  const int64_t skipped = welford_uniform(v, mean, m2, shift, acc_t(1) / acc_t(calls + 1), e0, e1);
+  if (skipped > 0) {  // rare: count the skipped values per element
+    for (int64_t e = e0; e < e1; ++e) {
+      const acc_t x = static_cast<acc_t>(v[e]);
+      skip[e] += (x - x) == acc_t(0) ? 0 : 1;
+    }
+  }
+  return skipped;
+}
+
+void temporal_update_cpu(at::TensorList values, at::TensorList tallies, at::TensorList skipped,
+                         at::TensorList moments) {
   TORCH_CHECK_VALUE(!values.empty(), "values must be a non-empty list of tensors");
-  TORCH_CHECK_VALUE(counts.size() == values.size() && moments.size() == values.size(),
-      "values, counts and moments must have the same length, got ", values.size(), ", ",
-      counts.size(), ", ", moments.size());
+  TORCH_CHECK_VALUE(tallies.size() == values.size() && skipped.size() == values.size() &&
+                        moments.size() == values.size(),
+      "values, tallies, skipped and moments must have the same length, got ", values.size(), ", ",
+      tallies.size(), ", ", skipped.size(), ", ", moments.size());
   std::vector<at::Tensor> contiguous_values;
   std::vector<std::pair<int64_t, int64_t>> tasks;  // (tensor index, chunk start)
   for (size_t i = 0; i < values.size(); ++i) {
     const std::string idx = "[" + std::to_string(i) + "]";
     check_float_input(("values" + idx).c_str(), values[i]);
-    check_state("counts" + idx, counts[i], values[i].sizes(), {at::kInt}, values[i].device());
+    check_state("tallies" + idx, tallies[i], {2}, {at::kLong}, values[i].device());
+    check_state("skipped" + idx, skipped[i], values[i].sizes(), {at::kInt}, values[i].device());
     std::vector<int64_t> mshape{3};
     mshape.insert(mshape.end(), values[i].sizes().begin(), values[i].sizes().end());
     check_state("moments" + idx, moments[i], mshape, {at::kFloat, at::kDouble}, values[i].device());
     contiguous_values.push_back(values[i].contiguous());
     for (int64_t e = 0; e < values[i].numel(); e += kChunk) tasks.emplace_back(i, e);
   }
+  std::vector<int64_t> task_skipped(tasks.size(), 0);
   at::parallel_for(0, static_cast<int64_t>(tasks.size()), 1, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t i = tasks[t].first, e0 = tasks[t].second;
       const at::Tensor& v = contiguous_values[i];
       const int64_t n = v.numel(), e1 = std::min(n, e0 + kChunk);
-      int32_t* c = counts[i].data_ptr<int32_t>();
+      const int64_t* tally = tallies[i].data_ptr<int64_t>();
+      int32_t* skip = skipped[i].data_ptr<int32_t>();
       AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.scalar_type(), "temporal_update", [&] {
         using value_t = scalar_t;
         AT_DISPATCH_FLOATING_TYPES(moments[i].scalar_type(), "temporal_update_state", [&] {
-          scalar_t* state = moments[i].data_ptr<scalar_t>();
-          welford_chunk<value_t, scalar_t>(v.data_ptr<value_t>(), c, state + kMean * n,
-                                            state + kM2 * n, state + kShift * n, e0, e1);
+          task_skipped[t] = update_chunk<value_t, scalar_t>(
+              v.data_ptr<value_t>(), skip, moments[i].data_ptr<scalar_t>(), n, tally[kCalls],
+              tally[kSkipped] == 0, e0, e1);
         });
       });
     }
   });
+  // Tallies change only after every chunk has read them.
+  for (size_t t = 0; t < tasks.size(); ++t) tallies[tasks[t].first].data_ptr<int64_t>()[kSkipped] += task_skipped[t];
+  for (const at::Tensor& tally : tallies) tally.data_ptr<int64_t>()[kCalls] += 1;
 }
 
 }  // namespace

@@ -210,7 +210,7 @@ class HookStreaming(_HookMonitor):
         state = self._state.get((name, kind))
         if state is None:
             state = self._state[(name, kind)] = ops.new_state(value)
-        ops.temporal_update_torch([value], [state[0]], [state[1]])
+        ops.temporal_update_torch(*([t] for t in (value, *state)))
 
     def _parameter_var(self, name, kind):
         state = self._state.get((name, kind))

@@ -19,6 +19,7 @@ ENERGIES = {"weight", "gradient", "activation"}
 # Rows of the packed statistics (same layout as lrfluct_fast.ops).
 _COUNT, _POSITIVE, _NONFINITE = 0, 1, 2
 _MEAN, _M2, _SHIFT = 0, 1, 2
+_CALLS = 0  # row of a temporal state's tally
 
 
 def _f64(x) -> np.ndarray:
@@ -148,12 +149,16 @@ def summarize_stats(prefix: str, counts: np.ndarray, moments: np.ndarray) -> dic
     return out
 
 
-def temporal_var(counts: np.ndarray, moments: np.ndarray) -> np.ndarray:
-    """Population variance over steps, M2 / count, from temporal (counts, moments); nan where
-    an element has no observation."""
-    n = np.asarray(counts).astype(np.float64)
+def temporal_var(tally: np.ndarray, skipped: np.ndarray, moments: np.ndarray) -> np.ndarray:
+    """Population variance over steps, M2 / count, from a temporal (tally, skipped, moments)
+    state (ops.temporal_update); nan where an element has no observation."""
+    n = (np.asarray(tally)[_CALLS] - np.asarray(skipped)).astype(np.float64)
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(n > 0, _f64(moments)[_M2] / n, np.nan)
+
+
+def _temporal(buffers: Mapping[str, np.ndarray], kind: str):
+    return buffers[f"{kind}.tally"], buffers[f"{kind}.skipped"], buffers[f"{kind}.moments"]
 
 
 def layer_summary(buffers: Mapping[str, np.ndarray], *, track: Mapping[str, bool],
@@ -161,8 +166,8 @@ def layer_summary(buffers: Mapping[str, np.ndarray], *, track: Mapping[str, bool
     """One layer's summary (the keys of DESIGN section 2) from its packed statistics on host.
 
     `buffers` holds the LayerState buffers as numpy arrays ("activation.counts",
-    "activation.moments", ...); "weight.spread" may stand in for the weight's
-    (counts, moments), already reduced per neuron, and then "weight.temporal_var" is absent.
+    "activation.moments", ..., "weight.tally", "weight.skipped", "weight.moments"); "weight.spread"
+    may stand in for the weight's temporal state, already reduced per neuron, and then "weight.temporal_var" is absent.
     """
     b, s = buffers, {}
     for kind in ("activation", "gradient"):
@@ -172,11 +177,11 @@ def layer_summary(buffers: Mapping[str, np.ndarray], *, track: Mapping[str, bool
         if "weight.spread" in b:
             s["weight.spread"] = _f64(b["weight.spread"])
         elif weight_mode == "element":
-            s["weight.temporal_var"] = temporal_var(b["weight.counts"], b["weight.moments"])
+            s["weight.temporal_var"] = temporal_var(*_temporal(b, "weight"))
             s["weight.spread"] = weight_spread(s["weight.temporal_var"])
         else:
-            s["weight.spread"] = np.sqrt(temporal_var(b["weight.counts"], b["weight.moments"]))
+            s["weight.spread"] = np.sqrt(temporal_var(*_temporal(b, "weight")))
     if track["bias"]:
-        s["bias.spread"] = np.sqrt(temporal_var(b["bias.counts"], b["bias.moments"]))
+        s["bias.spread"] = np.sqrt(temporal_var(*_temporal(b, "bias")))
     s["steps"] = np.array(steps, dtype=np.int64)
     return s

@@ -74,19 +74,17 @@ class Monitor:
         sampled = self.steps % self.options["every"] == 0
         self.steps += 1
         if sampled:
-            values, counts, moments = [], [], []
+            values, states = [], []
             for _, m in self.layers.items():
                 st: LayerState = m._lrfluct
                 if st.track["weight"]:
                     values.append(st.weight_observation(m.weight))
-                    counts.append(st.buffers["weight.counts"])
-                    moments.append(st.buffers["weight.moments"])
+                    states.append(st.temporal_state("weight"))
                 if st.track["bias"]:
                     values.append(m.bias.detach())
-                    counts.append(st.buffers["bias.counts"])
-                    moments.append(st.buffers["bias.moments"])
+                    states.append(st.temporal_state("bias"))
             if values:
-                ops.temporal_update(values, counts, moments)
+                ops.temporal_update(values, *zip(*states))
         observe_next = self.steps % self.options["every"] == 0
         for _, st in self._states():
             st.sampling = observe_next

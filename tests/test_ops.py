@@ -141,21 +141,32 @@ def weight_trajectory(shape, steps, dtype, seed=3):
     return (w0 + walk).to(dtype)
 
 
+def temporal_trajectories(dtype, steps):
+    """Weight trajectories that take every path of the temporal update kernels."""
+    shapes = [(7, 5), (13,), (3, 2, 3, 3), (0, 4), (70001,), (9,)]
+    trajectories = [weight_trajectory(s, steps, dtype, seed=i) for i, s in enumerate(shapes)]
+    trajectories[0][4, 1, 2] = float("nan")   # one skipped value, after the first calls
+    trajectories[1][:, 0] = float("inf")      # an element never finite
+    trajectories[2][:3, 0, 1, 2] = float("-inf")  # an element first seen at the fourth call
+    trajectories[4][steps // 2, -5] = float("nan")  # in the last chunk of a tensor of several
+    # trajectories[5] stays finite: one count for every element, the shift kept after call 1
+    return trajectories
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
 def test_temporal_update(backend, dtype):
-    shapes = [(7, 5), (13,), (3, 2, 3, 3)]
-    trajectories = [weight_trajectory(s, 25, dtype, seed=i) for i, s in enumerate(shapes)]
-    trajectories[0][4, 1, 2] = float("nan")   # one skipped observation
-    trajectories[1][:, 0] = float("inf")      # an element never finite
+    steps = 25
+    trajectories = temporal_trajectories(dtype, steps)
     state_dtype = ops.moments_dtype(dtype)
     states = [ops.new_state(t[0], state_dtype) for t in trajectories]
-    for step in range(25):
-        call(backend, "temporal_update", [t[step] for t in trajectories],
-             [s[0] for s in states], [s[1] for s in states])
-    for t, (counts, moments) in zip(trajectories, states):
+    for step in range(steps):
+        call(backend, "temporal_update", [t[step] for t in trajectories], *zip(*states))
+    for t, state in zip(trajectories, states):
         rcount, rmean, rvar = ops.temporal_stats_reference(t)
-        count, mean, var = ops.temporal_stats(counts, moments)
-        assert torch.equal(count.long(), rcount)
+        count, mean, var = ops.temporal_stats(*state)
+        tally, skipped, _ = state
+        assert tally.tolist() == [steps, int((steps - rcount).sum())]
+        assert torch.equal(count, rcount)
         seen = rcount > 0
         torch.testing.assert_close(mean.double()[seen], rmean[seen], rtol=1e-6, atol=0)
         # the fluctuation variance (~1e-10) itself must be right, not just tiny
@@ -174,8 +185,7 @@ def test_opcheck(backend):
                           (*empty_state(30), counts, moments))
     w = [torch.randn(4, 3), torch.randn(5)]
     st = [ops.new_state(v) for v in w]
-    torch.library.opcheck(torch.ops.lrfluct.temporal_update.default,
-                          (w, [s[0] for s in st], [s[1] for s in st]))
+    torch.library.opcheck(torch.ops.lrfluct.temporal_update.default, (w, *map(list, zip(*st))))
 
 
 def test_compile():
@@ -229,23 +239,26 @@ def test_merge_bad_input_leaves_state(backend, case):
 
 def bad_temporal():
     w = [torch.randn(3, 2), torch.randn(4)]
-    st = [ops.new_state(v) for v in w]
-    c, m = [s[0] for s in st], [s[1] for s in st]
-    yield ([], [], []), "values must be a non-empty list"
-    yield (w, c[:1], m), "same length"
-    yield ([w[0], w[1].long()], c, m), r"values\[1\] must be float16"
-    yield (w, [c[0], c[1].long()], m), r"counts\[1\]"
-    yield (w, c, [m[0], m[1][:2]]), r"moments\[1\] must have shape"
-    yield (w, c, [m[0], m[1].half()]), r"moments\[1\] must have dtype"
+    t, s, m = map(list, zip(*[ops.new_state(v) for v in w]))
+    yield ([], [], [], []), "values must be a non-empty list"
+    yield (w, t, s[:1], m), "same length"
+    yield ([w[0], w[1].long()], t, s, m), r"values\[1\] must be float16"
+    yield (w, [t[0], t[1].int()], s, m), r"tallies\[1\] must have dtype"
+    yield (w, [t[0], t[1][:1]], s, m), r"tallies\[1\] must have shape"
+    yield (w, t, [s[0], s[1].long()], m), r"skipped\[1\] must have dtype"
+    yield (w, t, [s[0], s[1][:3]], m), r"skipped\[1\] must have shape"
+    yield (w, t, s, [m[0], m[1][:2]]), r"moments\[1\] must have shape"
+    yield (w, t, s, [m[0], m[1].half()]), r"moments\[1\] must have dtype"
 
 
-@pytest.mark.parametrize("case", range(6))
+@pytest.mark.parametrize("case", range(9))
 def test_temporal_bad_input_leaves_state(backend, case):
-    (values, counts, moments), message = list(bad_temporal())[case]
-    before = [t.clone() for t in counts + moments]
+    args, message = list(bad_temporal())[case]
+    state = [x for lst in args[1:] for x in lst]
+    before = [x.clone() for x in state]
     with pytest.raises(ValueError, match=message):
-        call(backend, "temporal_update", values, counts, moments)
-    assert all(torch.equal(a, b) for a, b in zip(counts + moments, before))
+        call(backend, "temporal_update", *args)
+    assert all(torch.equal(a, b) for a, b in zip(state, before))
 
 
 def test_fallback_without_extension():

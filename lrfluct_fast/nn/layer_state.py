@@ -21,6 +21,9 @@ def neuron_rows(module_kind: str, t: torch.Tensor) -> torch.Tensor:
     return t.movedim(1, -1).reshape(-1, t.shape[1])
 
 
+TEMPORAL_PARTS = ("tally", "skipped", "moments")  # buffer names of a temporal state (ops.new_state)
+
+
 class LayerState:
     """Running statistics of one layer. `kind` is "linear" or "conv"."""
 
@@ -40,11 +43,9 @@ class LayerState:
                 self.buffers[f"{kind_}.counts"] = torch.zeros(3, n, dtype=torch.int64, device=dev)
                 self.buffers[f"{kind_}.moments"] = torch.zeros(3, n, dtype=self.dtype, device=dev)
         if self.track["weight"]:
-            counts, moments = ops.new_state(self.weight_observation(weight), self.dtype)
-            self.buffers["weight.counts"], self.buffers["weight.moments"] = counts, moments
+            self._add_temporal("weight", self.weight_observation(weight))
         if self.track["bias"]:
-            counts, moments = ops.new_state(bias, self.dtype)
-            self.buffers["bias.counts"], self.buffers["bias.moments"] = counts, moments
+            self._add_temporal("bias", bias)
         self.sampling = True  # observe this step's forwards and backwards (set by the Monitor)
 
     def weight_observation(self, weight: torch.Tensor) -> torch.Tensor:
@@ -56,6 +57,14 @@ class LayerState:
 
     def observing(self) -> bool:
         return self.sampling and (self.track["activation"] or self.track["gradient"])
+
+    def _add_temporal(self, kind: str, observed: torch.Tensor) -> None:
+        for part, t in zip(TEMPORAL_PARTS, ops.new_state(observed, self.dtype)):
+            self.buffers[f"{kind}.{part}"] = t
+
+    def temporal_state(self, kind: str) -> list[torch.Tensor]:
+        """The (tally, skipped, moments) buffers of "weight" or "bias"."""
+        return [self.buffers[f"{kind}.{part}"] for part in TEMPORAL_PARTS]
 
     def merge(self, kind: str, stats) -> None:
         if stats is not None and self.track[kind]:

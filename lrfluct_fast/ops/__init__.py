@@ -13,8 +13,8 @@ from ._library import COUNT, LIB, M2, MEAN, NONFINITE, POSITIVE, SHIFT, check, m
 from ._triton_config import triton_usable
 from .batch_stats import batch_stats_reference, batch_stats_torch, batch_stats_triton
 from .merge_stats import merge_stats_torch, merge_stats_triton
-from .temporal_update import (new_state, temporal_stats, temporal_stats_reference, temporal_update_torch,
-                              temporal_update_triton)
+from .temporal_update import (CALLS, SKIPPED, new_state, temporal_counts, temporal_stats,
+                              temporal_stats_reference, temporal_update_torch, temporal_update_triton)
 
 TORCH_IMPLS = {
     "batch_stats": batch_stats_torch,
@@ -46,15 +46,15 @@ def merge_stats(counts, moments, batch_counts, batch_moments) -> None:
     torch.ops.lrfluct.merge_stats(counts, moments, batch_counts, batch_moments)
 
 
-def temporal_update(values, counts, moments) -> None:
+def temporal_update(values, tallies, skipped, moments) -> None:
     # An empty list carries no tensor to dispatch on: refuse it here, with the others' message.
     check(len(values) > 0, "values must be a non-empty list of tensors")
-    torch.ops.lrfluct.temporal_update(list(values), list(counts), list(moments))
+    torch.ops.lrfluct.temporal_update(list(values), list(tallies), list(skipped), list(moments))
 
 
 __all__ = [
     "COUNT", "POSITIVE", "NONFINITE", "MEAN", "M2", "SHIFT", "mean_of", "moments_dtype",
-    "new_state", "temporal_stats",
+    "CALLS", "SKIPPED", "new_state", "temporal_counts", "temporal_stats",
     "batch_stats", "merge_stats", "temporal_update",
     "batch_stats_reference", "temporal_stats_reference",
     "batch_stats_torch", "merge_stats_torch", "temporal_update_torch",

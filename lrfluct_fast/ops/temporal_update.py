@@ -5,20 +5,28 @@ optimizer step). Each element is shifted by its first finite value s, then Welfo
 runs on d = v - s:
     count += 1;  delta = d - mean;  mean += delta / count;  M2 += delta * (d - mean)
 so float32 state keeps the precision of fluctuations far smaller than the value itself
-(weights near 0.3 that move 1e-5 a step). Non-finite values are skipped for that element;
-`calls - count` is how many were skipped.
-State per value tensor of shape S: counts int32 [S] (a count of steps, far below 2^31),
-moments float32/float64 [3, *S]: rows MEAN (of v - s), M2, SHIFT (s). The element's mean
-is moments[SHIFT] + moments[MEAN]; its population variance moments[M2] / counts.
+(weights near 0.3 that move 1e-5 a step). Non-finite values are skipped for that element.
 
-Order in this file: float64 reference, plain-torch implementation, Triton kernel and
+State per value tensor of shape S:
+- tally int64 [2]: rows CALLS (calls since the state was zeroed) and SKIPPED (non-finite
+  values skipped, over all elements);
+- skipped int32 [S]: non-finite values skipped per element;
+- moments float32/float64 [3, *S]: rows MEAN (of v - s), M2, SHIFT (s).
+An element's count is tally[CALLS] - skipped, its mean moments[SHIFT] + moments[MEAN], its
+population variance moments[M2] / count. Counts are implicit because weights are almost always
+finite: while tally[SKIPPED] is 0 no kernel reads `skipped`, every element's count is the same,
+and after the first call no kernel writes the shift. A step then moves 24 bytes per float32
+element (read v, shift, mean, M2; write mean, M2) instead of 36 with a per-element count.
+
+Order in this file: float64 reference, plain-torch implementation, Triton kernels and
 launcher, registration. Kernels: C++ in csrc/temporal_update.cpp (CPU), Triton here (CUDA).
 
 Triton design: one launch per (value dtype, state dtype) group of the list, usually one for
-the whole model. Each program owns up to CHUNK consecutive elements of one tensor, found in an
-int64 task table [T, 5] (value, counts and moments addresses, numel, first element) that is
-uploaded once and cached by its content, so a training step uploads nothing. Arithmetic in the
-state's dtype (float32), in float64 when the values or the state are float64.
+the whole model, then one tiny launch that counts the call in every tally. Each program owns up
+to CHUNK consecutive elements of one tensor, found in an int64 task table [T, 6] (value,
+skipped, moments and tally addresses, numel, first element) that is uploaded once and cached by
+its content, so a training step uploads nothing. Arithmetic in the state's dtype (float32), in
+float64 when the values or the state are float64.
 """
 from __future__ import annotations
 
@@ -30,32 +38,42 @@ from . import _triton_config as tcfg
 from ._library import LIB, M2, MEAN, SHIFT, STATE_DTYPES, check, check_float_input, check_state, mean_of
 from ._triton_config import tl, triton
 
-SCHEMA = "temporal_update(Tensor[] values, Tensor(a!)[] counts, Tensor(b!)[] moments) -> ()"
+SCHEMA = ("temporal_update(Tensor[] values, Tensor(a!)[] tallies, Tensor(b!)[] skipped, "
+          "Tensor(c!)[] moments) -> ()")
+CALLS, SKIPPED = 0, 1  # rows of a tally
 
 
-def check_args(values, counts, moments) -> None:
-    for name, lst in (("values", values), ("counts", counts), ("moments", moments)):
+def check_args(values, tallies, skipped, moments) -> None:
+    lists = (("values", values), ("tallies", tallies), ("skipped", skipped), ("moments", moments))
+    for name, lst in lists:
         check(isinstance(lst, (list, tuple)), f"{name} must be a list of tensors")
     check(len(values) > 0, "values must be a non-empty list of tensors")
-    check(len(counts) == len(values) and len(moments) == len(values),
-          f"values, counts and moments must have the same length, got "
-          f"{len(values)}, {len(counts)}, {len(moments)}")
-    for i, (v, c, m) in enumerate(zip(values, counts, moments)):
+    check(all(len(lst) == len(values) for _, lst in lists),
+          "values, tallies, skipped and moments must have the same length, got "
+          + ", ".join(str(len(lst)) for _, lst in lists))
+    for i, (v, t, s, m) in enumerate(zip(values, tallies, skipped, moments)):
         check_float_input(f"values[{i}]", v)
-        check_state(f"counts[{i}]", c, v.shape, (torch.int32,), v.device)
+        check_state(f"tallies[{i}]", t, (2,), (torch.int64,), v.device)
+        check_state(f"skipped[{i}]", s, v.shape, (torch.int32,), v.device)
         check_state(f"moments[{i}]", m, (3, *v.shape), STATE_DTYPES, v.device)
 
 
 def new_state(value: torch.Tensor, dtype: torch.dtype = torch.float32):
-    """Zeroed (counts, moments) for one value tensor."""
-    return (torch.zeros(value.shape, dtype=torch.int32, device=value.device),
+    """Zeroed (tally, skipped, moments) for one value tensor."""
+    return (torch.zeros(2, dtype=torch.int64, device=value.device),
+            torch.zeros(value.shape, dtype=torch.int32, device=value.device),
             torch.zeros((3, *value.shape), dtype=dtype, device=value.device))
 
 
-def temporal_stats(counts: torch.Tensor, moments: torch.Tensor):
+def temporal_counts(tally: torch.Tensor, skipped: torch.Tensor) -> torch.Tensor:
+    """Each element's count of finite values (int64, shaped like `skipped`)."""
+    return tally[CALLS] - skipped.long()
+
+
+def temporal_stats(tally: torch.Tensor, skipped: torch.Tensor, moments: torch.Tensor):
     """(count, mean, population var) from the state; var is nan where count is 0."""
-    n = counts.to(moments.dtype)
-    return counts, mean_of(moments), moments[M2] / n
+    counts = temporal_counts(tally, skipped)
+    return counts, mean_of(moments), moments[M2] / counts.to(moments.dtype)
 
 
 def temporal_stats_reference(snapshots: torch.Tensor):
@@ -68,106 +86,130 @@ def temporal_stats_reference(snapshots: torch.Tensor):
     return count, mean, var
 
 
-def temporal_update_torch(values, counts, moments) -> None:
-    check_args(values, counts, moments)
-    for v, c, m in zip(values, counts, moments):
+def temporal_update_torch(values, tallies, skipped, moments) -> None:
+    check_args(values, tallies, skipped, moments)
+    for v, t, s, m in zip(values, tallies, skipped, moments):
         finite = torch.isfinite(v)
-        first = finite & (c == 0)
+        count_before = temporal_counts(t, s)
+        first = finite & (count_before == 0)
         m[SHIFT] = torch.where(first, v.to(m.dtype), m[SHIFT])
-        c.add_(finite.to(c.dtype))
         d = torch.where(finite, v.to(torch.float64) - m[SHIFT].double(), 0)
         mean_old = m[MEAN].double()
         delta = d - mean_old
-        mean_new = mean_old + torch.where(finite, delta / c.clamp(min=1), 0)
+        mean_new = mean_old + torch.where(finite, delta / (count_before + 1), 0)
         m[M2] += torch.where(finite, delta * (d - mean_new), 0).to(m.dtype)
         m[MEAN] = mean_new.to(m.dtype)
+        bad = ~finite
+        s += bad.to(s.dtype)
+        t[SKIPPED] += bad.sum()
+        t[CALLS] += 1
 
 
 if triton is not None:
     @triton.jit
     def _temporal_update_kernel(
-        Tasks,  # [T, 5] int64: value, counts, moments addresses, numel, first element of the task
+        Tasks,  # [T, 6] int64: value, skipped, moments, tally addresses, numel, first element
         VALUE: tl.constexpr, STATE: tl.constexpr, ACC: tl.constexpr,
         BLOCK: tl.constexpr, CHUNK: tl.constexpr,
     ):
-        task = Tasks + tl.program_id(0).to(tl.int64) * 5
-        V = tl.load(task).to(tl.pointer_type(VALUE))            # [numel] values
-        Count = tl.load(task + 1).to(tl.pointer_type(tl.int32))  # [numel] counts, in place
-        M = tl.load(task + 2).to(tl.pointer_type(STATE))        # [3, numel] MEAN, M2, SHIFT, in place
-        numel = tl.load(task + 3)
-        start = tl.load(task + 4)
+        task = Tasks + tl.program_id(0).to(tl.int64) * 6
+        V = tl.load(task).to(tl.pointer_type(VALUE))              # [numel] values
+        Skipped = tl.load(task + 1).to(tl.pointer_type(tl.int32))  # [numel], in place
+        M = tl.load(task + 2).to(tl.pointer_type(STATE))          # [3, numel] MEAN, M2, SHIFT
+        Tally = tl.load(task + 3).to(tl.pointer_type(tl.int64))   # [2] CALLS, SKIPPED
+        numel = tl.load(task + 4)
+        start = tl.load(task + 5)
         end = tl.minimum(start + CHUNK, numel)
+        calls = tl.load(Tally)  # this launch's calls; the count launch after it adds one
+        # Another program of this launch may raise SKIPPED meanwhile: then this one reads the
+        # per-element counts it would otherwise take as 0, which is right either way.
+        dirty = tl.zeros([BLOCK], dtype=tl.int64) + tl.load(Tally + 1) > 0  # a block: masks want one
+        bad = tl.zeros([BLOCK], dtype=tl.int32)
         for e0 in range(start, end, BLOCK):
             e = e0 + tl.arange(0, BLOCK)
             ok = e < end
             v = tl.load(V + e, mask=ok, other=0.0).to(ACC)
             finite = ok & (tl.abs(v) < float("inf"))  # false for NaN and +-Inf
             v = tl.where(finite, v, 0.0)  # skipped values must not make inf - inf below
-            c_old = tl.load(Count + e, mask=ok, other=0)
-            first = finite & (c_old == 0)
-            shift = tl.where(first, v.to(STATE), tl.load(M + numel + numel + e, mask=ok, other=0.0))
-            c = c_old + finite.to(tl.int32)
+            skip = tl.load(Skipped + e, mask=ok & dirty, other=0)  # no load while clean
+            count_before = calls - skip
+            first = finite & (count_before == 0)
+            shift = tl.where(first, v.to(STATE),
+                             tl.load(M + numel + numel + e, mask=ok & (count_before > 0), other=0.0))
             mean_old = tl.load(M + e, mask=ok, other=0.0).to(ACC)
             d = v - shift.to(ACC)  # small: weights move slowly
             delta = d - mean_old
-            mean_new = mean_old + delta / tl.maximum(c, 1).to(ACC)
+            mean_new = mean_old + delta / (count_before + 1).to(ACC)
             m2 = tl.load(M + numel + e, mask=ok, other=0.0).to(ACC) + delta * (d - mean_new)
-            # A skipped (non-finite) value writes nothing.
-            tl.store(Count + e, c, mask=finite)
             tl.store(M + e, mean_new.to(STATE), mask=finite)
             tl.store(M + numel + e, m2.to(STATE), mask=finite)
             tl.store(M + numel + numel + e, shift, mask=first)
+            skipped_now = ok & ~finite
+            tl.store(Skipped + e, skip + 1, mask=skipped_now)
+            bad += skipped_now.to(tl.int32)
+        n_bad = tl.sum(bad, axis=0).to(tl.int64)
+        tl.atomic_add(Tally + 1, n_bad, mask=n_bad > 0)
+
+    @triton.jit
+    def _count_call_kernel(Tallies):  # [T] int64 tally addresses: CALLS += 1 in each
+        tally = tl.load(Tallies + tl.program_id(0)).to(tl.pointer_type(tl.int64))
+        tl.store(tally, tl.load(tally) + 1)
 
 
-_TASK_TABLES: OrderedDict = OrderedDict()  # (device, CHUNK, tensors) -> task table on device
-_TASK_TABLES_KEPT = 32
+_TABLES: OrderedDict = OrderedDict()  # (device, rows) -> int64 table on device
+_TABLES_KEPT = 64
 
 
-def _task_table(tensors, chunk: int, device: torch.device) -> torch.Tensor:
-    """The [T, 5] int64 task table of `tensors` ((value, counts, moments, numel) tuples).
+def _cached_table(rows: tuple, device: torch.device) -> torch.Tensor:
+    """`rows` (tuples of ints: addresses and sizes) as an int64 tensor on `device`.
 
-    Cached by its own content (addresses and sizes), so a hit is always the right table.
+    Cached by its own content, so a hit is always the right table.
     """
-    key = (device, chunk, tuple(tensors))
-    table = _TASK_TABLES.get(key)
+    key = (device, rows)
+    table = _TABLES.get(key)
     if table is None:
-        rows = [(v, c, m, n, start) for v, c, m, n in tensors for start in range(0, n, chunk)]
         table = torch.tensor(rows, dtype=torch.int64).to(device)
-        _TASK_TABLES[key] = table
-        if len(_TASK_TABLES) > _TASK_TABLES_KEPT:
-            _TASK_TABLES.popitem(last=False)
+        _TABLES[key] = table
+        if len(_TABLES) > _TABLES_KEPT:
+            _TABLES.popitem(last=False)
     else:
-        _TASK_TABLES.move_to_end(key)
+        _TABLES.move_to_end(key)
     return table
 
 
-def temporal_update_triton(values, counts, moments) -> None:
-    """Triton kernel (CUDA, or CPU under TRITON_INTERPRET=1), one launch per dtype group."""
-    check_args(values, counts, moments)
-    tcfg.require(values[0].device)
+def temporal_update_triton(values, tallies, skipped, moments) -> None:
+    """Triton kernels (CUDA, or CPU under TRITON_INTERPRET=1): one launch per dtype group,
+    then one that counts the call."""
+    check_args(values, tallies, skipped, moments)
+    device = values[0].device
+    tcfg.require(device)
+    cfg = tcfg.launch_config("temporal_update", device)
     groups: dict = {}
     keep = []  # contiguous copies of strided values live until their launch is queued
-    for v, c, m in zip(values, counts, moments):
-        if v.numel() == 0:
-            continue
+    for v, t, s, m in zip(values, tallies, skipped, moments):
         v = v.contiguous()
         keep.append(v)
-        groups.setdefault((v.device, v.dtype, m.dtype), []).append(
-            (v.data_ptr(), c.data_ptr(), m.data_ptr(), v.numel()))
-    for (device, v_dtype, m_dtype), tensors in groups.items():
-        cfg = tcfg.launch_config("temporal_update", device)
-        table = _task_table(tensors, cfg["CHUNK"], device)
-        wide = torch.float64 in (v_dtype, m_dtype)
-        with tcfg.device_guard(device):
-            _temporal_update_kernel[(table.shape[0],)](
-                table, VALUE=tcfg.triton_type(v_dtype), STATE=tcfg.triton_type(m_dtype),
+        n = v.numel()
+        groups.setdefault((v.dtype, m.dtype), []).extend(
+            (v.data_ptr(), s.data_ptr(), m.data_ptr(), t.data_ptr(), n, start)
+            for start in range(0, n, cfg["CHUNK"]))
+    with tcfg.device_guard(device):
+        for (v_dtype, m_dtype), rows in groups.items():
+            if not rows:
+                continue
+            wide = torch.float64 in (v_dtype, m_dtype)
+            _temporal_update_kernel[(len(rows),)](
+                _cached_table(tuple(rows), device),
+                VALUE=tcfg.triton_type(v_dtype), STATE=tcfg.triton_type(m_dtype),
                 ACC=tl.float64 if wide else tl.float32,
                 BLOCK=cfg["BLOCK"], CHUNK=cfg["CHUNK"], num_warps=cfg["num_warps"])
+        _count_call_kernel[(len(tallies),)](
+            _cached_table(tuple(t.data_ptr() for t in tallies), device))
 
 
 LIB.define(SCHEMA)
 
 
 @torch.library.register_fake("lrfluct::temporal_update")
-def _(values, counts, moments):
+def _(values, tallies, skipped, moments):
     return None

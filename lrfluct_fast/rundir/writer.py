@@ -52,16 +52,15 @@ def snapshot(states, *, per_rank: bool = True) -> dict[str, dict[str, torch.Tens
                 continue
             snap[key] = t.clone()
         if element:
-            snap["weight.spread"] = _weight_spread(st.buffers["weight.counts"],
-                                                   st.buffers["weight.moments"])
+            snap["weight.spread"] = _weight_spread(*st.temporal_state("weight"))
         out[name] = snap
     return out
 
 
-def _weight_spread(counts: torch.Tensor, moments: torch.Tensor) -> torch.Tensor:
+def _weight_spread(tally: torch.Tensor, skipped: torch.Tensor, moments: torch.Tensor) -> torch.Tensor:
     """metrics.weight_spread of the temporal variance, on the device ([N])."""
-    dtype = torch.float32 if counts.device.type == "mps" else torch.float64
-    n = counts.to(dtype)
+    dtype = torch.float32 if tally.device.type == "mps" else torch.float64
+    n = ops.temporal_counts(tally, skipped).to(dtype)
     var = torch.where(n > 0, moments[ops.M2].to(dtype) / n, torch.nan)
     return var.reshape(var.shape[0], -1).mean(1).sqrt()
 
