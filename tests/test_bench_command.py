@@ -6,8 +6,19 @@ import sys
 import pytest
 
 from lrfluct_fast import cli
+from lrfluct_fast.benchmark import runner
 
 sys.path.insert(0, os.path.dirname(__file__))  # so "factories:tiny" imports
+
+
+def test_overhead_pairs_the_steps_of_a_round():
+    """Drift across rounds and a spike in one step do not show up as overhead (the ratio of
+    the two medians here would say 25%)."""
+    none = runner.ModeResult(times=[1.0, 2.0, 4.0])
+    monitored = runner.ModeResult(times=[2.5, 2.2, 4.4])
+    over = runner.overheads({"none": none, "lrfluct": monitored})
+    assert over["none"] == 0
+    assert over["lrfluct"] == pytest.approx(0.1)
 
 
 def test_user_factory_writes_report(tmp_path, capsys):
@@ -16,6 +27,7 @@ def test_user_factory_writes_report(tmp_path, capsys):
                    "--modes", "lrfluct", "hook-streaming", "hook-snapshot", "--out", str(out)])
     assert rc == 0
     report = (out / "bench.md").read_text()
+    assert "--modes lrfluct hook-streaming hook-snapshot" in report  # the command that made it
     for mode in ("none", "lrfluct", "hook-streaming", "hook-snapshot"):
         assert f"| {mode} |" in report
     assert "(agree)" in report

@@ -205,8 +205,10 @@ def run(args) -> int:
     header = [f"# lrfluct bench ({datetime.date.today()}, {args.device}: {device_name}, "
               f"{torch.get_num_threads()} threads, torch {torch.__version__})", "",
               f"Command: `lrfluct bench --model {' '.join(args.model)} --device {args.device} "
-              f"--steps {args.steps} --warmup {args.warmup}{' --scaling' if args.scaling else ''}`", "",
-              "Modes run interleaved in one process; overhead = median step time / none's - 1; "
+              f"--steps {args.steps} --warmup {args.warmup}"
+              f"{' --modes ' + ' '.join(args.modes) if args.modes else ''}"
+              f"{' --scaling' if args.scaling else ''}`", "",
+              "Modes run interleaved in one process; overhead = median over rounds of step time / none's in the same round - 1; "
               "monitor MB = statistics state held by the monitor (the snapshot's copies for "
               "hook-snapshot).", ""]
     print("\n".join(header))

@@ -6,8 +6,8 @@ backpack-for-pytorch is installed, backpack (its Variance extension: per-paramet
 the per-sample gradients, an outside peer that also instruments every layer). Each mode trains its own
 copy of the same seeded workload; after warm-up, step i of every mode runs back to back (the
 order rotated each round) so drift in the machine's speed hits all modes alike. Reported per
-mode: median step time and its spread, overhead against none, monitor memory and its growth
-per step. The snapshot's memory grows without bound; past `snapshot_budget` bytes it is
+mode: median step time and its spread, overhead against none (paired by round), monitor
+memory and its growth per step. The snapshot's memory grows without bound; past `snapshot_budget` bytes it is
 reset (its growth per step is measured before that), so a long run stays within memory.
 """
 from __future__ import annotations
@@ -170,5 +170,11 @@ def agreement(make_workload, device, steps: int = 2) -> tuple[float, str]:
 
 
 def overheads(results: dict[str, ModeResult]) -> dict[str, float]:
-    base = results["none"].median
-    return {mode: r.median / base - 1 for mode, r in results.items()}
+    """Per mode: the median over rounds of (its step time / none's in the same round) - 1.
+
+    Pairing the steps of one round cancels the machine's drift, which on a shared VM moves
+    whole rounds by more than the overhead being measured.
+    """
+    base = results["none"].times
+    return {mode: statistics.median(t / b for t, b in zip(r.times, base)) - 1
+            for mode, r in results.items()}
