@@ -137,6 +137,6 @@ std::tuple<at::Tensor, at::Tensor> batch_stats_cpu(const at::Tensor& x_in) {
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(lrfluct, CPU, m) { m.impl("batch_stats", &batch_stats_cpu); }
+void register_batch_stats(torch::Library& m) { m.impl("batch_stats", &batch_stats_cpu); }
 
 }  // namespace lrfluct

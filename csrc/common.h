@@ -38,6 +38,11 @@ inline void check_state(const std::string& name, const at::Tensor& t, at::IntArr
   TORCH_CHECK_VALUE(t.is_contiguous(), name, " must be contiguous (it is updated in place)");
 }
 
+// Each op's file registers its CPU kernel here (called by module.cpp's register_kernels).
+void register_batch_stats(torch::Library& m);
+void register_merge_stats(torch::Library& m);
+void register_temporal_update(torch::Library& m);
+
 // Hot loops are compiled twice, for AVX2 and for baseline x86-64, and picked at load time:
 // fast on current CPUs, still portable. (The loops vectorise only with -fno-trapping-math.)
 #if defined(__GNUC__) && defined(__x86_64__)

@@ -49,6 +49,6 @@ void merge_stats_cpu(const at::Tensor& counts, const at::Tensor& moments,
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(lrfluct, CPU, m) { m.impl("merge_stats", &merge_stats_cpu); }
+void register_merge_stats(torch::Library& m) { m.impl("merge_stats", &merge_stats_cpu); }
 
 }  // namespace lrfluct

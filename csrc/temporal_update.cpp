@@ -123,6 +123,6 @@ void temporal_update_cpu(at::TensorList values, at::TensorList tallies, at::Tens
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(lrfluct, CPU, m) { m.impl("temporal_update", &temporal_update_cpu); }
+void register_temporal_update(torch::Library& m) { m.impl("temporal_update", &temporal_update_cpu); }
 
 }  // namespace lrfluct

@@ -18,8 +18,9 @@ _cpp_error: str | None = None
 try:
     if os.environ.get("LRFLUCT_DISABLE_CPP") == "1":
         raise ImportError("disabled by LRFLUCT_DISABLE_CPP=1")
-    from . import _C  # noqa: F401  (loading registers the CPU kernels)
-except (ImportError, OSError) as e:  # not built, or built against another torch
+    from . import _C
+    _C.register_kernels()
+except (ImportError, OSError) as e:  # not built, built against another torch or other sources
     _cpp_error = f"{type(e).__name__}: {e}"
     ops.register_torch_fallback("cpu")
     warnings.warn(

@@ -2,7 +2,7 @@
 
 Schemas are declared here, once, in Python: the package must run (on plain torch ops) when
 the C++ extension is not built, so the schema cannot live only in C++. The C++ extension
-(`csrc/`) adds CPU kernels with `TORCH_LIBRARY_IMPL(lrfluct, CPU, m)`; Triton adds CUDA kernels.
+(`csrc/`) registers CPU kernels when `_C.register_kernels()` is called; Triton adds CUDA kernels.
 This module owns the namespace object and the argument checks; it holds no kernels.
 """
 from __future__ import annotations
