@@ -44,6 +44,9 @@ from torch import nn
 from . import distributed, metrics, ops, rundir
 from .nn import WRAPPERS, LayerState, unsupported_reason
 
+# Layout of state_dict(); 2: weight and bias temporal state as (tally, skipped, moments).
+STATE_VERSION = 2
+
 _OPTION_DEFAULTS = dict(activations=True, gradients=True, weights=True, biases=True, every=1,
                         weight_mode="element", dead_threshold=0.01, energy="weight",
                         log_dir=None, log_every=100, summary_every=1000, tensorboard=False,
@@ -134,7 +137,7 @@ class Monitor:
 
     # -- persistence ----------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        sd = {"version": 1, "steps": self.steps, "options": dict(self.options),
+        sd = {"version": STATE_VERSION, "steps": self.steps, "options": dict(self.options),
               "layers": {name: {k: t.clone() for k, t in st.buffers.items()}
                          for name, st in self._states()}}
         if self._run is not None:
@@ -144,8 +147,9 @@ class Monitor:
     def load_state_dict(self, sd: dict[str, Any]) -> None:
         """Restore statistics saved by state_dict() into a Monitor of the same model and options."""
         self._check_live()
-        if sd.get("version") != 1:
-            raise ValueError(f"unsupported monitor state version {sd.get('version')!r}")
+        if sd.get("version") != STATE_VERSION:
+            raise ValueError(f"unsupported monitor state version {sd.get('version')!r} "
+                             f"(this version reads {STATE_VERSION})")
         saved_opts, opts = ({k: v for k, v in o.items() if k not in rundir.LOG_OPTIONS}
                             for o in (sd["options"], self.options))
         if saved_opts != opts:

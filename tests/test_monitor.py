@@ -463,6 +463,8 @@ def test_load_state_dict_mismatch_raises():
         lf.instrument(Wider()).load_state_dict(sd)
     with pytest.raises(ValueError, match="options"):
         lf.instrument(build("mlp"), every=2).load_state_dict(sd)
+    with pytest.raises(ValueError, match="state version 1"):  # the layout before implicit counts
+        lf.instrument(build("mlp")).load_state_dict({**sd, "version": 1})
 
 
 # ---------------------------------------------------------------------------------------
