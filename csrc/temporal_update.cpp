@@ -13,52 +13,44 @@ constexpr int64_t kChunk = 1 << 16;  // elements per task
 constexpr int64_t kCalls = 0, kSkipped = 1;  // rows of a tally
 
 // Arithmetic in the state's dtype: after the shift every operand is a small deviation that
-// float32 carries as exactly as it is stored; these branch-free loops vectorise (10x faster
-// than double arithmetic, which does not).
-
-// The common case: no element of the tensor was ever skipped and this is not its first call,
-// so every element has the same count and a shift already. Reads v, shift, mean, M2 and writes
-// mean, M2: 24 bytes per float32 element. Returns how many values were non-finite (skipped).
-template <typename value_t, typename acc_t>
-LRFLUCT_SIMD_CLONES int64_t welford_uniform(const value_t* __restrict__ v, acc_t* __restrict__ mean,
-                                            acc_t* __restrict__ m2, const acc_t* __restrict__ shift,
-                                            acc_t inv_count, int64_t e0, int64_t e1) {
+// float32 carries as exactly as it is stored; this branch-free loop vectorises (10x faster
+// than double arithmetic, which does not). Returns how many values were non-finite (skipped).
+//
+// kClean: no element of the tensor was ever skipped and this is not its first call, so every
+// element's count is `calls` and its shift is set: the loop reads v, shift, mean, M2 and writes
+// mean, M2 (24 bytes per float32 element), and counts the skipped values per element only in
+// the rare chunk that has one. Otherwise each count is calls - skip[e] and a first observation
+// sets the shift.
+template <bool kClean, typename value_t, typename acc_t>
+LRFLUCT_SIMD_CLONES int64_t welford_chunk(const value_t* __restrict__ v, int32_t* __restrict__ skip,
+                                          acc_t* __restrict__ mean, acc_t* __restrict__ m2,
+                                          acc_t* __restrict__ shift, int64_t calls, int64_t e0,
+                                          int64_t e1) {
+  const acc_t inv_count = acc_t(1) / static_cast<acc_t>(calls + 1);  // used when kClean
   int64_t skipped = 0;
   for (int64_t e = e0; e < e1; ++e) {
     const acc_t x = static_cast<acc_t>(v[e]);
     const bool finite = (x - x) == acc_t(0);  // false for NaN and +-Inf
+    const int64_t count_before = kClean ? calls : calls - skip[e];
+    const acc_t s = (!kClean && finite && count_before == 0) ? x : shift[e];
     const acc_t mean_old = mean[e];
-    const acc_t d = finite ? x - shift[e] : mean_old;  // small: weights move slowly
-    const acc_t delta = d - mean_old;                  // 0 for a skipped value
-    const acc_t mean_new = mean_old + delta * inv_count;
+    const acc_t d = finite ? x - s : mean_old;  // small: weights move slowly
+    const acc_t delta = d - mean_old;           // 0 for a skipped value
+    const acc_t mean_new = mean_old + (kClean ? delta * inv_count
+                                              : delta / static_cast<acc_t>(count_before + 1));
+    if (!kClean) {
+      skip[e] += finite ? 0 : 1;
+      shift[e] = s;
+    }
     mean[e] = mean_new;
     m2[e] = m2[e] + delta * (d - mean_new);
     skipped += finite ? 0 : 1;
   }
-  return skipped;
-}
-
-// Any other call: per-element counts (calls - skipped), first observations set the shift.
-template <typename value_t, typename acc_t>
-LRFLUCT_SIMD_CLONES int64_t welford_general(const value_t* __restrict__ v, int32_t* __restrict__ skip,
-                                            acc_t* __restrict__ mean, acc_t* __restrict__ m2,
-                                            acc_t* __restrict__ shift, int64_t calls, int64_t e0,
-                                            int64_t e1) {
-  int64_t skipped = 0;
-  for (int64_t e = e0; e < e1; ++e) {
-    const acc_t x = static_cast<acc_t>(v[e]);
-    const bool finite = (x - x) == acc_t(0);
-    const int64_t count_before = calls - skip[e];
-    const acc_t s = (finite & (count_before == 0)) ? x : shift[e];
-    const acc_t mean_old = mean[e];
-    const acc_t d = finite ? x - s : mean_old;
-    const acc_t delta = d - mean_old;
-    const acc_t mean_new = mean_old + delta / static_cast<acc_t>(count_before + 1);
-    skip[e] += finite ? 0 : 1;
-    shift[e] = s;
-    mean[e] = mean_new;
-    m2[e] = m2[e] + delta * (d - mean_new);
-    skipped += finite ? 0 : 1;
+  if (kClean && skipped > 0) {  // rare: count the skipped values per element
+    for (int64_t e = e0; e < e1; ++e) {
+      const acc_t x = static_cast<acc_t>(v[e]);
+      skip[e] += (x - x) == acc_t(0) ? 0 : 1;
+    }
   }
   return skipped;
 }
@@ -67,15 +59,8 @@ template <typename value_t, typename acc_t>
 int64_t update_chunk(const value_t* v, int32_t* skip, acc_t* state, int64_t n, int64_t calls,
                      bool clean, int64_t e0, int64_t e1) {
   acc_t *mean = state + kMean * n, *m2 = state + kM2 * n, *shift = state + kShift * n;
-  if (!clean || calls == 0) return welford_general(v, skip, mean, m2, shift, calls, e0, e1);
-  const int64_t skipped = welford_uniform(v, mean, m2, shift, acc_t(1) / acc_t(calls + 1), e0, e1);
-  if (skipped > 0) {  // rare: count the skipped values per element
-    for (int64_t e = e0; e < e1; ++e) {
-      const acc_t x = static_cast<acc_t>(v[e]);
-      skip[e] += (x - x) == acc_t(0) ? 0 : 1;
-    }
-  }
-  return skipped;
+  return clean && calls > 0 ? welford_chunk<true>(v, skip, mean, m2, shift, calls, e0, e1)
+                            : welford_chunk<false>(v, skip, mean, m2, shift, calls, e0, e1);
 }
 
 void temporal_update_cpu(at::TensorList values, at::TensorList tallies, at::TensorList skipped,
@@ -117,7 +102,8 @@ void temporal_update_cpu(at::TensorList values, at::TensorList tallies, at::Tens
     }
   });
   // Tallies change only after every chunk has read them.
-  for (size_t t = 0; t < tasks.size(); ++t) tallies[tasks[t].first].data_ptr<int64_t>()[kSkipped] += task_skipped[t];
+  for (size_t t = 0; t < tasks.size(); ++t)
+    tallies[tasks[t].first].data_ptr<int64_t>()[kSkipped] += task_skipped[t];
   for (const at::Tensor& tally : tallies) tally.data_ptr<int64_t>()[kCalls] += 1;
 }
 
