@@ -3,10 +3,13 @@
 //
 // Design: each column is shifted by its first finite value (returned as the SHIFT row, so the
 // moments stay relative to it; see lrfluct_fast/ops/_library.py), then sum(d) and sum(d^2) of the
-// shifted values d are accumulated in double (after 4-row tiles summed in float). Shifted sums over row chunks with the same shift
-// simply add, so the tensor is cut into (row chunk x column block) tasks for the threads and
-// reduced at the end; the shift keeps M2 = sum(d^2) - sum(d)^2/n free of cancellation for data
-// far from zero (mean 1e4, std 1). Each input byte is read once.
+// shifted values d are accumulated in double (after 4-row tiles summed in float). Shifted sums
+// over row chunks with the same shift simply add, so the tensor is cut into (row chunk x column
+// block) tasks for the threads and reduced at the end; the shift keeps M2 = sum(d^2) - sum(d)^2/n
+// free of cancellation for data far from zero (mean 1e4, std 1). Each task first runs a clean
+// pass that takes every value as finite (no mask, no count); only a block whose sums come out
+// non-finite is read again with the mask. Activations and gradients are almost always finite,
+// so each input byte is read once.
 #include <type_traits>
 
 #include "common.h"
@@ -18,6 +21,9 @@ namespace {
 // reads a short run per row at a large stride, which defeats the hardware prefetcher: 512
 // columns ran 1.6x slower on 4096x4096); the 4 x 8192 double accumulators (256 KiB) sit in L2.
 constexpr int64_t kBlockCols = 8192;
+// With too few rows to give every thread a chunk of at least 256 rows, the columns are split
+// further, down to blocks of this many (1 KiB runs of float32 per row).
+constexpr int64_t kMinBlockCols = 256;
 
 struct Sums {  // per-column partial sums of one row chunk, all in double (counts exact < 2^53)
   double* __restrict__ s1; double* __restrict__ s2;
@@ -28,7 +34,12 @@ struct Sums {  // per-column partial sums of one row chunk, all in double (count
 // summed in float (double for double input), twice the SIMD width of double, then added to
 // the double accumulators: the shifted values are exact in float near the shift, and a tile
 // of U terms adds at most U float roundings.
-template <int U, typename scalar_t>
+//
+// kMasked: non-finite values are skipped and the finite ones counted. Without it (the clean
+// pass) every value is taken as finite, which saves the mask and the count; a non-finite value
+// then makes s1 or s2 non-finite, which is how the caller sees that it must redo the block
+// masked.
+template <int U, bool kMasked, typename scalar_t>
 inline void accumulate_column(const scalar_t* __restrict__ x, int64_t N, int64_t r, int64_t j,
                               const double* __restrict__ shift, Sums out) {
   using compute_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
@@ -37,29 +48,47 @@ inline void accumulate_column(const scalar_t* __restrict__ x, int64_t N, int64_t
 #pragma GCC unroll 4
   for (int u = 0; u < U; ++u) {
     const compute_t v = static_cast<compute_t>(x[(r + u) * N + j]);
-    const bool finite = (v - v) == compute_t(0);  // false for NaN and +-Inf
+    const bool finite = !kMasked || (v - v) == compute_t(0);  // false for NaN and +-Inf
     const compute_t d = finite ? v - sj : compute_t(0);
     const compute_t one = finite ? compute_t(1) : compute_t(0);
     a1 += d;
     a2 += d * d;
-    ac += one;
+    if (kMasked) ac += one;
     ap += v > compute_t(0) ? one : compute_t(0);
   }
-  out.s1[j] += a1; out.s2[j] += a2; out.count[j] += ac; out.positive[j] += ap;
+  out.s1[j] += a1; out.s2[j] += a2; out.positive[j] += ap;
+  if (kMasked) out.count[j] += ac;
 }
 
 // Rows are streamed (contiguous loads), four at a time so each accumulator is loaded and
 // stored once per four rows; the loop over columns vectorises.
-template <typename scalar_t>
+template <bool kMasked, typename scalar_t>
 LRFLUCT_SIMD_CLONES void accumulate_rows(const scalar_t* __restrict__ x, int64_t N, int64_t r0,
                                          int64_t r1, int64_t c0, int64_t c1,
                                          const double* __restrict__ shift, Sums out) {
   constexpr int kRows = 4;
   int64_t r = r0;
   for (; r + kRows <= r1; r += kRows)
-    for (int64_t j = c0; j < c1; ++j) accumulate_column<kRows>(x, N, r, j, shift, out);
+    for (int64_t j = c0; j < c1; ++j) accumulate_column<kRows, kMasked>(x, N, r, j, shift, out);
   for (; r < r1; ++r)
-    for (int64_t j = c0; j < c1; ++j) accumulate_column<1>(x, N, r, j, shift, out);
+    for (int64_t j = c0; j < c1; ++j) accumulate_column<1, kMasked>(x, N, r, j, shift, out);
+}
+
+// One task: rows [r0, r1) of columns [c0, c1), into zeroed partial sums. The clean pass runs
+// first; a block whose sums come out non-finite (it holds a NaN or Inf, or squares overflow
+// float) is redone masked.
+template <typename scalar_t>
+void accumulate_block(const scalar_t* x, int64_t N, int64_t r0, int64_t r1, int64_t c0,
+                      int64_t c1, const double* shift, Sums out) {
+  accumulate_rows<false>(x, N, r0, r1, c0, c1, shift, out);
+  bool clean = true;
+  for (int64_t j = c0; j < c1; ++j) clean &= std::isfinite(out.s1[j] + out.s2[j]);
+  if (clean) {
+    std::fill(out.count + c0, out.count + c1, static_cast<double>(r1 - r0));
+    return;
+  }
+  for (double* row : {out.s1, out.s2, out.count, out.positive}) std::fill(row + c0, row + c1, 0.0);
+  accumulate_rows<true>(x, N, r0, r1, c0, c1, shift, out);
 }
 
 template <typename scalar_t>
@@ -77,13 +106,19 @@ void first_finite(const scalar_t* x, int64_t R, int64_t N, double* shift) {
 
 template <typename scalar_t, typename acc_t>
 void batch_stats_kernel(const scalar_t* x, int64_t R, int64_t N, int64_t* counts, acc_t* moments) {
+  if (N == 0) return;
   std::vector<double> shift(N);
   first_finite(x, R, N, shift.data());
 
-  const int64_t col_blocks = (N + kBlockCols - 1) / kBlockCols;
   const int64_t want_tasks = 2 * at::get_num_threads();
+  const int64_t wide_blocks = (N + kBlockCols - 1) / kBlockCols;
   const int64_t row_chunks = std::max<int64_t>(1, std::min<int64_t>(
-      (want_tasks + col_blocks - 1) / col_blocks, (R + 255) / 256));
+      (want_tasks + wide_blocks - 1) / wide_blocks, (R + 255) / 256));
+  const int64_t blocks_wanted = std::max<int64_t>({1, wide_blocks, std::min(
+      (want_tasks + row_chunks - 1) / row_chunks, (N + kMinBlockCols - 1) / kMinBlockCols)});
+  const int64_t block_cols =  // whole cache lines
+      std::max<int64_t>(64, ((N + blocks_wanted - 1) / blocks_wanted + 63) / 64 * 64);
+  const int64_t col_blocks = (N + block_cols - 1) / block_cols;
   const int64_t chunk_rows = (R + row_chunks - 1) / row_chunks;
   std::vector<double> partial(4 * row_chunks * N, 0.0);  // [row_chunks][4][N]
 
@@ -92,9 +127,9 @@ void batch_stats_kernel(const scalar_t* x, int64_t R, int64_t N, int64_t* counts
       const int64_t chunk = t / col_blocks, block = t % col_blocks;
       double* base = partial.data() + chunk * 4 * N;
       Sums out{base, base + N, base + 2 * N, base + 3 * N};
-      const int64_t c0 = block * kBlockCols, c1 = std::min(N, c0 + kBlockCols);
-      accumulate_rows(x, N, chunk * chunk_rows, std::min(R, (chunk + 1) * chunk_rows), c0, c1,
-                      shift.data(), out);
+      const int64_t c0 = block * block_cols, c1 = std::min(N, c0 + block_cols);
+      accumulate_block(x, N, chunk * chunk_rows, std::min(R, (chunk + 1) * chunk_rows), c0, c1,
+                       shift.data(), out);
     }
   });
 

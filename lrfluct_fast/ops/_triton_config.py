@@ -97,8 +97,10 @@ def launch_config(op: str, device: torch.device, **size) -> dict:
     if op == "batch_stats":
         rows, cols = size["rows"], size["cols"]
         if interp:
+            # At most 64 rows a tile, as on a GPU: numpy sums a tile's rows one after another in
+            # float32, so taller tiles would lose precision the GPU's tree reduction does not.
             block_n = min(512, _pow2(cols))
-            block_r = min(_pow2(rows), max(16, 131072 // block_n), 256)
+            block_r = min(_pow2(rows), max(16, 32768 // block_n), 64)
             programs = 4
         else:
             # 128 columns: 512 contiguous bytes per fp32 row; ~4096 elements a tile, 32 per thread.
