@@ -9,6 +9,8 @@ Monitor does not sample) run the plain torch forward.
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 
@@ -19,12 +21,16 @@ from .layer_state import LayerState
 def _autocast(x, weight, bias):
     """Cast to the autocast dtype here, so the fused function sees one dtype (and grads
     flow back to the parameters' dtype through the casts). As autocast does, float64
-    tensors are left alone."""
+    tensors are left alone. Returns the inputs and the context the fused function runs in:
+    autocast off, when it was on."""
     device = x.device.type
-    if not torch.is_autocast_enabled(device) or torch.float64 in (x.dtype, weight.dtype):
-        return x, weight, bias
+    if not torch.is_autocast_enabled(device):
+        return x, weight, bias, contextlib.nullcontext()  # the common case: no context to enter
+    off = torch.autocast(device, enabled=False)
+    if torch.float64 in (x.dtype, weight.dtype):
+        return x, weight, bias, off
     dtype = torch.get_autocast_dtype(device)
-    return x.to(dtype), weight.to(dtype), (bias.to(dtype) if bias is not None else None)
+    return x.to(dtype), weight.to(dtype), (bias.to(dtype) if bias is not None else None), off
 
 
 def _observed(module, x) -> bool:
@@ -37,8 +43,8 @@ class FluctLinear(nn.Linear):
     def forward(self, x):
         if not _observed(self, x):
             return super().forward(x)
-        x, w, b = _autocast(x, self.weight, self.bias)
-        with torch.autocast(x.device.type, enabled=False):
+        x, w, b, plain_dtypes = _autocast(x, self.weight, self.bias)
+        with plain_dtypes:
             return LinearWithStats.apply(x, w, b, self._lrfluct)
 
 
@@ -49,8 +55,8 @@ class _FluctConvNd:
         unbatched = x.dim() == len(self.kernel_size) + 1
         if unbatched:
             x = x.unsqueeze(0)
-        x, w, b = _autocast(x, self.weight, self.bias)
-        with torch.autocast(x.device.type, enabled=False):
+        x, w, b, plain_dtypes = _autocast(x, self.weight, self.bias)
+        with plain_dtypes:
             z = ConvWithStats.apply(x, w, b, self._lrfluct, self.stride, self.padding,
                                     self.dilation, self.groups)
         return z.squeeze(0) if unbatched else z
