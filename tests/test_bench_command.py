@@ -41,6 +41,19 @@ def test_user_factory_writes_report(tmp_path, capsys):
     assert (out / "overhead.png").stat().st_size > 0
 
 
+def test_lrfluct_variants_split_the_cost(tmp_path):
+    """The opt-in modes run lrfluct with other options: neuron-mode weights keep O(neurons)
+    state, and without weights the monitor keeps only the activation and gradient buffers."""
+    out = tmp_path / "bench"
+    rc = cli.main(["bench", "--model", "factories:tiny", "--steps", "2", "--warmup", "0",
+                   "--modes", "lrfluct", "lrfluct-neuron", "lrfluct-no-weights", "--out", str(out)])
+    assert rc == 0
+    raw = json.loads((out / "bench.json").read_text())["factories:tiny"]
+    memory = {m: raw[m]["monitor_bytes"][-1] for m in ("lrfluct", "lrfluct-neuron", "lrfluct-no-weights")}
+    assert memory["lrfluct-no-weights"] < memory["lrfluct-neuron"] < memory["lrfluct"]
+    assert "| lrfluct-neuron |" in (out / "bench.md").read_text()
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--model", "no_such_module:f"], "cannot load factory"),
     (["--model", "factories:missing"], "cannot load factory"),

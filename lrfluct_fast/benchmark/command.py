@@ -33,7 +33,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=10, help="timed steps per mode (default 10)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per mode first (default 2)")
     p.add_argument("--modes", nargs="+", default=None,
-                   help=f"subset of {', '.join(runner.available_modes())} (default: all available)")
+                   help=f"any of {', '.join(runner.known_modes())} (default: "
+                        f"{', '.join(runner.available_modes())}); lrfluct-neuron and "
+                        "lrfluct-no-weights split lrfluct's cost")
     p.add_argument("--out", default="runs/bench", help="output directory (default runs/bench)")
     p.add_argument("--scaling", action="store_true",
                    help="also measure overhead against width, layers and batch (MLP), and "
@@ -50,10 +52,10 @@ def _check(args) -> list[str]:
     if args.device not in ("cpu",) and not args.device.startswith("cuda"):
         raise UsageError(f"--device must be cpu or cuda, got {args.device!r}")
     modes = args.modes or list(runner.available_modes())
-    unknown = set(modes) - set(runner.available_modes())
+    unknown = set(modes) - set(runner.known_modes())
     if unknown:
         raise UsageError(f"unknown or unavailable modes {sorted(unknown)}; available: "
-                         f"{', '.join(runner.available_modes())}")
+                         f"{', '.join(runner.known_modes())}")
     if "none" not in modes:
         modes = ["none", *modes]
     try:

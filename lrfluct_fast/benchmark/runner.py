@@ -3,7 +3,8 @@
 Modes: none (no monitoring), lrfluct (lf.instrument: activations + gradients + weights every
 step), hook-streaming and hook-snapshot (lrfluct_fast.baselines), and, when the package
 backpack-for-pytorch is installed, backpack (its Variance extension: per-parameter variance of
-the per-sample gradients, an outside peer that also instruments every layer). Each mode trains its own
+the per-sample gradients, an outside peer that also instruments every layer). On request, lrfluct
+with other options (LRFLUCT_VARIANTS), to split lrfluct's cost. Each mode trains its own
 copy of the same seeded workload; after warm-up, step i of every mode runs back to back (the
 order rotated each round) so drift in the machine's speed hits all modes alike. Reported per
 mode: median step time and its spread, overhead against none (paired by round), monitor
@@ -27,18 +28,30 @@ from ..monitor import instrument
 from .models import Workload
 
 MODES = ("none", "lrfluct", "hook-streaming", "hook-snapshot")
+# lrfluct with other options: run only when asked for by name, to split lrfluct's cost.
+LRFLUCT_VARIANTS = {
+    "lrfluct": {},
+    "lrfluct-neuron": {"weight_mode": "neuron"},                  # O(neurons) weight statistics
+    "lrfluct-no-weights": {"weights": False, "biases": False},    # activations + gradients only
+}
 
 
 def available_modes() -> tuple[str, ...]:
+    """The modes a run without --modes measures."""
     return MODES + (("backpack",) if importlib.util.find_spec("backpack") else ())
+
+
+def known_modes() -> tuple[str, ...]:
+    """Every mode --modes accepts."""
+    return available_modes() + tuple(m for m in LRFLUCT_VARIANTS if m not in MODES)
 
 
 def attach(mode: str, model):
     """Returns (monitor or None, a context manager factory the step runs in)."""
     if mode == "none":
         return None, contextlib.nullcontext
-    if mode == "lrfluct":
-        return instrument(model), contextlib.nullcontext
+    if mode in LRFLUCT_VARIANTS:
+        return instrument(model, **LRFLUCT_VARIANTS[mode]), contextlib.nullcontext
     if mode == "backpack":
         from backpack import backpack, extend
         from backpack.extensions import Variance
