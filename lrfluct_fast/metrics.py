@@ -35,8 +35,9 @@ def weight_spread(temporal_var: np.ndarray) -> np.ndarray:
     tv = _f64(temporal_var)
     if tv.ndim == 0:
         raise ValueError("temporal_var must have at least one dim (neurons first)")
-    with np.errstate(invalid="ignore"):
-        return np.sqrt(tv.reshape(tv.shape[0], -1).mean(axis=1))
+    per_neuron = tv.reshape(tv.shape[0], int(np.prod(tv.shape[1:])))  # (N, 0) for no inputs
+    with np.errstate(invalid="ignore"):  # a neuron with no incoming weight: 0 / 0 = nan
+        return np.sqrt(per_neuron.sum(axis=1) / per_neuron.shape[1])
 
 
 def spread_of_spread(spread) -> float:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import io
+import warnings
 
 import numpy as np
 import pytest
@@ -287,6 +288,28 @@ def test_conv_unbatched_and_channels_last_match_snapshot():
     got = mon.summary()
     assert (got["0"]["activation.count"] == 5 * 4 * (1 + 3)).all()
     assert_summaries_close(got, ref.summary())
+
+
+@pytest.mark.parametrize("weight_mode", ["element", "neuron"])
+def test_zero_width_layers_train_like_torch(weight_mode):
+    """A layer with no outputs, and one with no inputs (its output is its bias), train as in
+    torch. A neuron with no incoming weight has no weight spread (nan), in either mode."""
+    torch.manual_seed(23)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch: "Initializing zero-element tensors is a no-op"
+        a = nn.Sequential(nn.Linear(4, 0), nn.Linear(0, 3))
+    b = copy.deepcopy(a)
+    mon, ref = lf.instrument(a, weight_mode=weight_mode), HookSnapshot(b)
+    data = [torch.randn(5, 4, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    train(a, [mon], data, make_opt(a, "sgd"))
+    train(b, [ref], data, make_opt(b, "sgd"))
+    for p, q in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(p, q)
+    got, want = mon.summary(), ref.summary()
+    assert got["0"]["activation.mean"].shape == (0,)
+    assert np.isnan(got["1"]["weight.spread"]).all()
+    skip = () if weight_mode == "element" else ("weight.spread", "weight.temporal_var")
+    assert_summaries_close(got, want, skip=skip)
 
 
 def test_module_reachable_under_two_names_wrapped_once():

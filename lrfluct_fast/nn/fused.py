@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from .. import ops
 from ..ops import COUNT, NONFINITE
-from .layer_state import LayerState, neuron_rows
+from .layer_state import LayerState, matrix, neuron_rows
 
 
 def _grad_bias(stats, dtype):
@@ -64,9 +64,8 @@ class LinearWithStats(torch.autograd.Function):
         need_x, need_w = ctx.needs_input_grad[:2]
         grad_z = grad_z.contiguous()
         stats = _gradient_stats(ctx, grad_z)
-        g2 = grad_z.reshape(-1, grad_z.shape[-1])
         grad_x = (grad_z @ weight) if need_x else None
-        grad_w = (g2.t() @ x.reshape(-1, x.shape[-1])) if need_w else None
+        grad_w = (matrix(grad_z).t() @ matrix(x)) if need_w else None
         return grad_x, grad_w, _finish(ctx, stats, grad_z), None
 
 

@@ -13,14 +13,20 @@ import torch
 from .. import ops
 
 
+def matrix(t: torch.Tensor) -> torch.Tensor:
+    """t as [rows, last dim], rows = the product of the other dims (1 for a 1-D t). The row
+    count is spelled out: reshape(-1, 0) is ambiguous, and zero-width layers exist."""
+    return t.reshape(math.prod(t.shape[:-1]), t.shape[-1])
+
+
 def neuron_rows(module_kind: str, t: torch.Tensor) -> torch.Tensor:
     """View a layer output (or its gradient) as [R, N]: neurons last, every other dim rows.
 
     Linear: a view. ConvNd: channels (dim 1) moved last, which copies.
     """
     if module_kind == "linear":
-        return t.reshape(-1, t.shape[-1])
-    return t.movedim(1, -1).reshape(-1, t.shape[1])
+        return matrix(t)
+    return matrix(t.movedim(1, -1))
 
 
 TEMPORAL_PARTS = ("tally", "skipped", "moments")  # buffer names of a temporal state (ops.new_state)
@@ -57,8 +63,9 @@ class LayerState:
             return w
         # One read of the weight, accumulated in float32 (a square-mean-sqrt chain made a
         # weight-sized temporary: 2.1x slower on 4 x 2048x2048).
-        fan_in = w[0].numel()
-        return torch.linalg.vector_norm(w.reshape(self.neurons, -1), dim=1,
+        # A neuron with no incoming weight has no RMS: 0 / 0 = nan, counted as non-finite.
+        fan_in = math.prod(w.shape[1:])
+        return torch.linalg.vector_norm(w.reshape(self.neurons, fan_in), dim=1,
                                         dtype=torch.float32).div_(math.sqrt(fan_in))
 
     def observing(self) -> bool:
