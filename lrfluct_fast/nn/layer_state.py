@@ -14,9 +14,9 @@ from .. import ops
 
 
 def matrix(t: torch.Tensor) -> torch.Tensor:
-    """t as [rows, last dim], rows = the product of the other dims (1 for a 1-D t). The row
-    count is spelled out: reshape(-1, 0) is ambiguous, and zero-width layers exist."""
-    return t.reshape(math.prod(t.shape[:-1]), t.shape[-1])
+    """t as [rows, last dim], rows = the product of the other dims (1 for a 1-D t). flatten,
+    not reshape(-1, n): that is ambiguous for n = 0 (zero-width layers exist), and slower."""
+    return t.flatten(0, -2) if t.dim() > 1 else t.unsqueeze(0)
 
 
 def neuron_rows(module_kind: str, t: torch.Tensor) -> torch.Tensor:
