@@ -5,7 +5,8 @@
 #   2. kernel GB/s against the device's copy bandwidth, same run: batch_stats + merge and the
 #      temporal update on a 16384x8192 bf16 tensor (target: >= 80% of copy)
 #   3. end-to-end overhead of full monitoring on a GPT-2-medium-sized step in bf16 (target
-#      <= 2%), against hook-streaming and hook-snapshot, interleaved in one process
+#      <= 2%), against hook-streaming and hook-snapshot, interleaved in one process, and
+#      lrfluct's cost split (per-neuron weights; activations and gradients only)
 # Uses the installed torch (with CUDA) and triton; builds nothing that needs nvcc.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -19,4 +20,6 @@ log=bench/gpu_check.log
   (cd bench && python3 report.py --device cuda --dtype bfloat16 --shapes 16384x8192 4096x4096)
   python3 -m lrfluct_fast.cli bench --device cuda --model gpt2-medium --steps 20 --warmup 3 \
       --modes lrfluct hook-streaming hook-snapshot --out runs/gpu_bench
+  python3 -m lrfluct_fast.cli bench --device cuda --model gpt2-medium --steps 20 --warmup 3 \
+      --modes lrfluct lrfluct-neuron lrfluct-no-weights --out runs/gpu_bench_split
 } 2>&1 | tee "$log"
