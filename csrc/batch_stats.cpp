@@ -106,7 +106,7 @@ void first_finite(const scalar_t* x, int64_t R, int64_t N, double* shift) {
 
 template <typename scalar_t, typename acc_t>
 void batch_stats_kernel(const scalar_t* x, int64_t R, int64_t N, int64_t* counts, acc_t* moments) {
-  if (N == 0) return;
+  if (N == 0) return;  // no column: nothing to compute, and no task to size
   std::vector<double> shift(N);
   first_finite(x, R, N, shift.data());
 
@@ -114,10 +114,9 @@ void batch_stats_kernel(const scalar_t* x, int64_t R, int64_t N, int64_t* counts
   const int64_t wide_blocks = (N + kBlockCols - 1) / kBlockCols;
   const int64_t row_chunks = std::max<int64_t>(1, std::min<int64_t>(
       (want_tasks + wide_blocks - 1) / wide_blocks, (R + 255) / 256));
-  const int64_t blocks_wanted = std::max<int64_t>({1, wide_blocks, std::min(
-      (want_tasks + row_chunks - 1) / row_chunks, (N + kMinBlockCols - 1) / kMinBlockCols)});
-  const int64_t block_cols =  // whole cache lines
-      std::max<int64_t>(64, ((N + blocks_wanted - 1) / blocks_wanted + 63) / 64 * 64);
+  const int64_t blocks_wanted = std::max(wide_blocks, std::min(
+      (want_tasks + row_chunks - 1) / row_chunks, (N + kMinBlockCols - 1) / kMinBlockCols));
+  const int64_t block_cols = ((N + blocks_wanted - 1) / blocks_wanted + 63) / 64 * 64;  // whole lines
   const int64_t col_blocks = (N + block_cols - 1) / block_cols;
   const int64_t chunk_rows = (R + row_chunks - 1) / row_chunks;
   std::vector<double> partial(4 * row_chunks * N, 0.0);  // [row_chunks][4][N]
