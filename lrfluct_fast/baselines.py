@@ -18,11 +18,13 @@ They share everything but storage: hook registration, the [R, N] view of a layer
 the counting rules and the summary assembly live in _HookMonitor; a subclass only says how
 an observation is captured, committed and turned into packed (counts, moments) statistics.
 
-Counting rules (DESIGN section 1): a forward is counted when its backward runs, and only if
-it ran in training mode with grad enabled; it is captured in the forward hook (so in-place
-ops after the layer cannot alter it) and committed by a hook on the output tensor, which
-also receives dL/dz. So gradient accumulation counts every micro-batch, a forward whose
-backward never runs is not counted, and an activation-checkpoint recompute is counted once.
+Counting rules (DESIGN section 1, nn/observe.py): a forward is counted when a backward
+reaches it, and only if it ran in training mode with grad enabled; it is captured in the
+forward hook (so in-place ops after the layer cannot alter it) and committed, with dL/dz, by
+a pre-hook on the autograd node that made the output. Every backward through that node
+commits both again (retain_graph); a forward whose output needs no gradient is committed at
+once. So gradient accumulation counts every micro-batch, a forward whose backward never runs
+is not counted, and an activation-checkpoint recompute is counted once.
 This module owns its hooks and its statistics; it never modifies the model, its parameters
 or gradients.
 """
@@ -33,19 +35,14 @@ import torch
 from torch import nn
 
 from . import metrics, ops
-from .nn.layer_state import neuron_rows as layer_rows
+from .nn import kind_of, rows_of
 
-SUPPORTED = (nn.Linear, nn.Conv1d, nn.Conv2d)
 KINDS = ("activation", "gradient", "weight", "bias")
 
 
 def neuron_rows(module: nn.Module, t: torch.Tensor) -> torch.Tensor:
-    """The [R, N] view the wrappers use (nn.layer_state.neuron_rows); an unbatched conv
-    output (channels in dim 0) gets its batch dim first."""
-    if isinstance(module, nn.Linear):
-        return layer_rows("linear", t)
-    unbatched = t.dim() == len(module.kernel_size) + 1
-    return layer_rows("conv", t.unsqueeze(0) if unbatched else t)
+    """The [R, N] view the wrappers use (nn.modules.KINDS)."""
+    return rows_of(module)(t)
 
 
 class _HookMonitor:
@@ -53,7 +50,7 @@ class _HookMonitor:
 
     def __init__(self, model: nn.Module, dead_threshold: float = 0.01):
         self.dead_threshold = dead_threshold
-        self._modules = {name: m for name, m in model.named_modules() if isinstance(m, SUPPORTED)}
+        self._modules = {name: m for name, m in model.named_modules() if kind_of(m) is not None}
         self.layers = list(self._modules)
         self._removed = False
         self._handles = [m.register_forward_hook(self._forward_hook(name))
@@ -91,18 +88,22 @@ class _HookMonitor:
         def hook(module, args, out):
             if self._removed or not (module.training and torch.is_grad_enabled()):
                 return
-            if not isinstance(out, torch.Tensor) or not out.requires_grad:
+            if not isinstance(out, torch.Tensor):
                 return
-            pending = [self._capture(neuron_rows(module, out.detach()))]
+            captured = self._capture(neuron_rows(module, out.detach()))
+            if out.grad_fn is None:  # no backward will come (frozen layer and input): count now
+                self._commit(name, "activation", captured)
+                return
+            at = out.output_nr
 
-            def grad_hook(grad):
-                if self._removed:
-                    return
-                if pending:  # a second backward through a retained graph adds gradients only
-                    self._commit(name, "activation", pending.pop())
-                self._commit(name, "gradient", self._capture(neuron_rows(module, grad.detach())))
+            def grad_hook(grad_outputs):
+                # a hook on the node that made z, not on z: an in-place op after the layer
+                # (ReLU(inplace=True)) gives z a new node, and a tensor hook dL/d(new z)
+                if not self._removed:
+                    self._commit(name, "activation", captured)
+                    self._commit(name, "gradient", self._capture(neuron_rows(module, grad_outputs[at].detach())))
 
-            out.register_hook(grad_hook)
+            out.grad_fn.register_prehook(grad_hook)
         return hook
 
     # -- Monitor API ----------------------------------------------------------------------

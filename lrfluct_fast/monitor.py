@@ -28,6 +28,9 @@ Options (keyword arguments of `instrument`):
                flush() / close()
   tensorboard  also write TensorBoard scalars and histograms (False; needs tensorboard)
   log_errors   a failed write: "warn" (training goes on) or "raise" (the next step raises)
+  grad_scaler  the torch.amp.GradScaler of the training loop (None): dL/dz is recorded
+               divided by its scale, and the gradient statistics of a step the scaler skips
+               (inf/nan gradients) are dropped. Call mon.step() after scaler.update().
 
 Under an initialized torch.distributed process group, summary(), metrics() and logging merge
 every rank's activation and gradient statistics (distributed.py): they are collectives, to be
@@ -35,6 +38,8 @@ called on every rank. FSDP is refused.
 """
 from __future__ import annotations
 
+import contextlib
+import warnings
 from typing import Any
 
 import numpy as np
@@ -42,7 +47,8 @@ import torch
 from torch import nn
 
 from . import distributed, metrics, ops, rundir
-from .nn import WRAPPERS, LayerState, unsupported_reason
+from .nn import LayerState, kind_of, unwrap, wrap
+from .nn.layer_state import GradScale
 
 # Layout of state_dict(); 2: weight and bias temporal state as (tally, skipped, moments).
 STATE_VERSION = 2
@@ -50,19 +56,20 @@ STATE_VERSION = 2
 _OPTION_DEFAULTS = dict(activations=True, gradients=True, weights=True, biases=True, every=1,
                         weight_mode="element", dead_threshold=0.01, energy="weight",
                         log_dir=None, log_every=100, summary_every=1000, tensorboard=False,
-                        log_errors="warn")
+                        log_errors="warn", grad_scaler=None)
 
 
 class Monitor:
     """Per-neuron statistics of the layers `instrument` wrapped. See the module docstring."""
 
-    def __init__(self, layers: dict[str, nn.Module], originals: dict[str, type],
-                 skipped: list[tuple[str, str]], options: dict[str, Any]):
+    def __init__(self, layers: dict[str, nn.Module], skipped: list[tuple[str, str]],
+                 options: dict[str, Any], grad_scale: GradScale | None = None):
         self.layers = layers
-        self._originals = originals
         self.skipped = skipped
         self.options = options
         self.steps = 0
+        self._grad_scale = grad_scale
+        self._warned: set[tuple[str, str]] = set()  # (layer, kind) already warned of no data
         self._removed = False
         self._run: rundir.RunLog | None = None  # the run directory, with instrument(log_dir=...)
 
@@ -75,29 +82,58 @@ class Monitor:
         """Call after optimizer.step(): records weights and biases (one multi-tensor call)."""
         self._check_live()
         sampled = self.steps % self.options["every"] == 0
-        self.steps += 1
         if sampled:
             values, states = [], []
             for _, m in self.layers.items():
                 st: LayerState = m._lrfluct
                 if st.track["weight"]:
+                    st.check_parameter("weight", m.weight)
                     values.append(st.weight_observation(m.weight))
                     states.append(st.temporal_state("weight"))
                 if st.track["bias"]:
+                    st.check_parameter("bias", m.bias)
                     values.append(m.bias.detach())
                     states.append(st.temporal_state("bias"))
             if values:
                 ops.temporal_update(values, *zip(*states))
+        self.steps += 1
+        if self._grad_scale is not None:
+            self._commit_scaled_gradients()
         observe_next = self.steps % self.options["every"] == 0
         for _, st in self._states():
             st.sampling = observe_next
         if self._run is not None:
             self._run.after_step(self)
 
+    def _commit_scaled_gradients(self) -> None:
+        """This step's gradient statistics into the running state, unless the scaler skipped it."""
+        staged = [st for _, st in self._states() if st.staged is not None]
+        if staged:
+            keep = self._grad_scale.kept(staged[0].device)
+            for st in staged:
+                st.commit_staged(keep.to(st.device))
+
+    @contextlib.contextmanager
+    def paused(self):
+        """Observe nothing inside: no forward run and no backward run in the block is counted
+        (measurement passes such as Hessian-vector products or a gradient penalty's first
+        backward). The weights' statistics are recorded by step() as usual."""
+        self._check_live()
+        states = [st for _, st in self._states()]
+        before = [st.paused for st in states]
+        for st in states:
+            st.paused = True
+        try:
+            yield self
+        finally:
+            for st, was in zip(states, before):
+                st.paused = was
+
     def reset(self) -> None:
         """Start a new window: forget every statistic and the step count."""
         self._check_live()
         self.steps = 0
+        self._warned.clear()
         for _, st in self._states():
             st.reset()
             st.sampling = True
@@ -107,9 +143,27 @@ class Monitor:
         """{layer: {key: numpy array}} with the keys of DESIGN section 2."""
         self._check_live()
         host = distributed.host_buffers(self._states())  # every rank's batches, merged
-        return {name: metrics.layer_summary(host[name], track=st.track, weight_mode=st.weight_mode,
-                                            steps=self.steps)
-                for name, st in self._states()}
+        out = {name: metrics.layer_summary(host[name], track=st.track, weight_mode=st.weight_mode,
+                                           steps=self.steps)
+               for name, st in self._states()}
+        self._warn_unobserved(out)
+        return out
+
+    def _warn_unobserved(self, summaries) -> None:
+        """One warning naming each layer (once) with no activation or gradient observation."""
+        missing = []
+        for name, st in self._states():
+            kinds = [k for k in ("activation", "gradient") if st.track[k] and st.neurons
+                     and (name, k) not in self._warned
+                     and summaries[name][f"{k}.count"].sum() + summaries[name][f"{k}.nonfinite"].sum() == 0]
+            if kinds:
+                self._warned.update((name, k) for k in kinds)
+                cause = st.unobserved or "no training forward ran through it"
+                missing.append(f"{name!r} ({' and '.join(kinds)}: {cause})")
+        if missing:
+            warnings.warn(f"lrfluct_fast: no observation for layer(s) {', '.join(missing)}; "
+                          f"their statistics and the metrics derived from them are nan",
+                          RuntimeWarning, stacklevel=3)
 
     def metrics(self) -> dict[str, dict[str, float]]:
         """{layer: {metric: float}}: spread_of_spread, spread_cv, participation_ratio, ..."""
@@ -167,6 +221,9 @@ class Monitor:
         for name, st in self._states():
             for key, t in st.buffers.items():
                 t.copy_(sd["layers"][name][key])
+            if st.staged is not None:
+                for t in st.staged:
+                    t.zero_()
         self.steps = int(sd["steps"])
         for _, st in self._states():
             st.sampling = self.steps % self.options["every"] == 0
@@ -178,9 +235,8 @@ class Monitor:
         try:
             self.close()  # writes the last summary (a collective under a process group)
         finally:
-            for name, m in self.layers.items():
-                m.__class__ = self._originals[name]
-                del m._lrfluct
+            for m in self.layers.values():
+                unwrap(m)
             self._removed = True
 
     def _check_live(self) -> None:
@@ -199,12 +255,13 @@ def _backend_name(layers) -> str:
 
 
 def instrument(model: nn.Module, **options) -> Monitor:
-    """Wrap every nn.Linear / nn.Conv1d / nn.Conv2d of `model` in place; returns the Monitor.
+    """Wrap every nn.Linear / nn.Conv1d / nn.Conv2d / nn.Conv3d (and subclasses) of `model`
+    in place; returns the Monitor.
 
-    Modules of other types (and supported types the fused path cannot serve) are left as
-    they are and listed in `monitor.skipped` as (name, reason). A module reachable under two
-    names is wrapped once, under its first name. Instrument after moving the model to its
-    device and dtype.
+    Modules of other types are left as they are and listed in `monitor.skipped` as
+    (name, reason). A module reachable under two names is wrapped once, under its first name.
+    Instrument after moving the model to its device and dtype: a layer that later computes
+    on another device or in another precision raises at its next forward or step().
     """
     unknown = set(options) - set(_OPTION_DEFAULTS)
     if unknown:
@@ -219,30 +276,31 @@ def instrument(model: nn.Module, **options) -> Monitor:
         raise ValueError(f"weight_mode must be 'element' or 'neuron', got {opts['weight_mode']!r}")
     if opts["energy"] not in metrics.ENERGIES:
         raise ValueError(f"energy must be one of {sorted(metrics.ENERGIES)}, got {opts['energy']!r}")
-    layers, originals, skipped = {}, {}, []
+    scaler = opts["grad_scaler"]
+    if scaler is not None and not isinstance(scaler, torch.amp.GradScaler):
+        raise TypeError(f"grad_scaler must be a torch.amp.GradScaler, got {type(scaler).__name__}")
+    grad_scale = GradScale(scaler) if scaler is not None else None
+    opts["grad_scaler"] = scaler is not None  # the options are saved with the state: no object
     for name, m in model.named_modules():
         if hasattr(m, "_lrfluct"):
             raise ValueError(f"module {name!r} is already instrumented; call remove() on its Monitor first")
-        entry = WRAPPERS.get(type(m))
-        if entry is None:
+    layers, skipped = {}, []
+    for name, m in model.named_modules():
+        kind = kind_of(m)
+        if kind is None:
             if any(True for _ in m.parameters(recurse=False)):
                 skipped.append((name, f"{type(m).__name__} is not supported"))
             continue
-        reason = unsupported_reason(m)
-        if reason:
-            skipped.append((name, reason))
-            continue
-        wrapper, kind = entry
-        m._lrfluct = LayerState(kind, m.weight, m.bias, activations=opts["activations"],
-                                gradients=opts["gradients"], weights=opts["weights"],
-                                biases=opts["biases"], weight_mode=opts["weight_mode"])
-        originals[name] = type(m)
-        m.__class__ = wrapper
+        state = LayerState(name, kind(m), m.weight, m.bias, activations=opts["activations"],
+                           gradients=opts["gradients"], weights=opts["weights"],
+                           biases=opts["biases"], weight_mode=opts["weight_mode"],
+                           grad_scale=grad_scale)
+        wrap(m, state)
         layers[name] = m
     if not layers:
         raise ValueError(f"nothing to monitor in {type(model).__name__}: it has no nn.Linear, "
-                         f"nn.Conv1d or nn.Conv2d layer (skipped: {skipped or 'none'})")
-    mon = Monitor(layers, originals, skipped, opts)
+                         f"nn.Conv1d/2d/3d layer (skipped: {skipped or 'none'})")
+    mon = Monitor(layers, skipped, opts, grad_scale)
     if opts["log_dir"] is not None:
         try:
             mon._run = rundir.RunLog(mon)

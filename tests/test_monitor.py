@@ -259,7 +259,8 @@ def test_shared_module_counts_every_call():
     assert_summaries_close(got, ref.summary())
 
 
-def test_retained_graph_second_backward_counts_gradients_only():
+def test_retained_graph_every_backward_counts_its_forward_again():
+    # nn/observe.py: each backward reaching a forward counts its activations and dL/dz
     a, mon, b, ref = twins("mlp", seed=18)
     x = batches("mlp", 1, seed=33)[0]
     for model in (a, b):
@@ -267,7 +268,7 @@ def test_retained_graph_second_backward_counts_gradients_only():
         loss.backward(retain_graph=True)
         loss.backward()
     got = mon.summary()
-    assert (got["fc1"]["activation.count"] == 6).all()
+    assert (got["fc1"]["activation.count"] == 12).all()
     assert (got["fc1"]["gradient.count"] == 12).all()
     assert_summaries_close(got, ref.summary())
 

@@ -1,6 +1,9 @@
-"""Drop-in module wrappers whose forward/backward compute per-neuron statistics."""
-from .layer_state import LayerState, neuron_rows
-from .modules import WRAPPERS, FluctConv1d, FluctConv2d, FluctLinear, unsupported_reason
+"""Drop-in module wrappers that observe a layer's output and its gradient (Observe)."""
+from .layer_state import LayerState, matrix
+from .modules import (KINDS, FluctConv1d, FluctConv2d, FluctConv3d, FluctLinear, kind_of, plain_class,
+                      rows_of, unwrap, wrap, wrapper_class)
+from .observe import Observe
 
-__all__ = ["FluctLinear", "FluctConv1d", "FluctConv2d", "LayerState", "WRAPPERS",
-           "neuron_rows", "unsupported_reason"]
+__all__ = ["FluctLinear", "FluctConv1d", "FluctConv2d", "FluctConv3d", "KINDS", "LayerState",
+           "Observe", "kind_of", "matrix", "plain_class", "rows_of", "unwrap", "wrap",
+           "wrapper_class"]

@@ -1,16 +1,20 @@
 """LayerState: one monitored layer's running statistics, as device buffers.
 
-Owns the buffers (activation and gradient (counts, moments), weight and bias temporal state)
-and the merge of a backward's batch statistics into them. It never touches the module's
-parameters or gradients, and never synchronises with the host.
+Owns the buffers (activation and gradient (counts, moments), weight and bias temporal state),
+the decision whether a forward is observed, and the merge of a forward's and a backward's
+batch statistics into the buffers. It never touches the module's parameters, its output or
+its gradients, and never synchronises with the host.
 """
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 
 from .. import ops
+
+TEMPORAL_PARTS = ("tally", "skipped", "moments")  # buffer names of a temporal state (ops.new_state)
 
 
 def matrix(t: torch.Tensor) -> torch.Tensor:
@@ -19,43 +23,161 @@ def matrix(t: torch.Tensor) -> torch.Tensor:
     return t.flatten(0, -2) if t.dim() > 1 else t.unsqueeze(0)
 
 
-def neuron_rows(module_kind: str, t: torch.Tensor) -> torch.Tensor:
-    """View a layer output (or its gradient) as [R, N]: neurons last, every other dim rows.
+def _functorch_active() -> bool:
+    # dynamo answers this call with an interpreter of its own while it traces
+    return (not torch.compiler.is_compiling()
+            and torch._C._functorch.peek_interpreter_stack() is not None)
 
-    Linear: a view. ConvNd: channels (dim 1) moved last, which copies.
+
+def _forward_ad_active() -> bool:
+    return torch.autograd.forward_ad._current_level >= 0
+
+
+class GradScale:
+    """A torch.amp.GradScaler's scale as the backward saw it, shared by a Monitor's layers.
+
+    dL/dz in a backward is (true dL/dz) x scale; the scale changes only in scaler.update(),
+    which lowers it exactly when the step was skipped (an inf or nan gradient), so comparing
+    the scale after update() with the one the backward used tells a skipped step on the
+    device, without a host synchronisation.
     """
-    if module_kind == "linear":
-        return matrix(t)
-    return matrix(t.movedim(1, -1))
 
+    def __init__(self, scaler):
+        self.scaler = scaler
+        self.used: torch.Tensor | None = None  # the scale of this step's backward
 
-TEMPORAL_PARTS = ("tally", "skipped", "moments")  # buffer names of a temporal state (ops.new_state)
+    def unscale_factors(self, dtype: torch.dtype) -> torch.Tensor | None:
+        """[1/s, 1/s^2, 1/s] as a [3, 1] column for (MEAN, M2, SHIFT); None when not scaling."""
+        scale = getattr(self.scaler, "_scale", None)
+        if not self.scaler.is_enabled() or scale is None:
+            return None
+        if self.used is None:
+            self.used = scale.detach().clone()
+        inv = scale.detach().to(dtype).reciprocal().reshape(())  # a power of two: exact
+        return torch.stack([inv, inv * inv, inv]).view(3, 1)
+
+    def kept(self, device) -> torch.Tensor:
+        """0-d int64, 1 unless the step just ended was skipped; call after scaler.update()."""
+        scale = getattr(self.scaler, "_scale", None)
+        if self.used is None or scale is None:
+            return torch.ones((), dtype=torch.int64, device=device)
+        keep = (scale.reshape(()) >= self.used.reshape(())).to(device=device, dtype=torch.int64)
+        self.used.copy_(scale)
+        return keep
 
 
 class LayerState:
-    """Running statistics of one layer. `kind` is "linear" or "conv"."""
+    """Running statistics of one layer.
 
-    def __init__(self, kind: str, weight: torch.Tensor, bias: torch.Tensor | None, *,
-                 activations: bool, gradients: bool, weights: bool, biases: bool,
-                 weight_mode: str):
-        self.kind = kind
+    `rows(t)` views the layer's output (or dL/dz) as [R, N], neurons last. `grad_scale`, when
+    given, is the GradScale of a torch.amp.GradScaler whose scale multiplies dL/dz; gradient
+    statistics are then unscaled and wait in a per-step buffer that Monitor.step commits, or
+    drops when the scaler skipped the step.
+    """
+
+    def __init__(self, name: str, rows: Callable[[torch.Tensor], torch.Tensor],
+                 weight: torch.Tensor, bias: torch.Tensor | None, *, activations: bool,
+                 gradients: bool, weights: bool, biases: bool, weight_mode: str,
+                 grad_scale: GradScale | None = None):
+        self.name = name
+        self.rows = rows
         self.neurons = weight.shape[0]
         self.weight_mode = weight_mode
         self.dtype = ops.moments_dtype(weight.dtype)
+        self.device = weight.device
+        self.grad_scale = grad_scale
         n, dev = self.neurons, weight.device
         self.track = {"activation": activations, "gradient": gradients,
                       "weight": weights, "bias": biases and bias is not None}
         self.buffers: dict[str, torch.Tensor] = {}
-        for kind_ in ("activation", "gradient"):
-            if self.track[kind_]:
-                self.buffers[f"{kind_}.counts"] = torch.zeros(3, n, dtype=torch.int64, device=dev)
-                self.buffers[f"{kind_}.moments"] = torch.zeros(3, n, dtype=self.dtype, device=dev)
+        for kind in ("activation", "gradient"):
+            if self.track[kind]:
+                self.buffers[f"{kind}.counts"] = torch.zeros(3, n, dtype=torch.int64, device=dev)
+                self.buffers[f"{kind}.moments"] = torch.zeros(3, n, dtype=self.dtype, device=dev)
+        # dL/dz of this step, unscaled, until Monitor.step knows whether the scaler kept the step
+        self.staged = None
+        if grad_scale is not None and gradients:
+            self.staged = (torch.zeros(3, n, dtype=torch.int64, device=dev),
+                           torch.zeros(3, n, dtype=self.dtype, device=dev))
         if self.track["weight"]:
             self._add_temporal("weight", self.weight_observation(weight))
         if self.track["bias"]:
             self._add_temporal("bias", bias)
         self.sampling = True  # observe this step's forwards and backwards (set by the Monitor)
+        self.paused = False   # inside Monitor.paused()
+        self.unobserved = None  # why the last forward was not observed (for the no-data warning)
 
+    # -- forward / backward -----------------------------------------------------------------
+    def observe(self, module: torch.nn.Module, z: torch.Tensor) -> torch.Tensor:
+        """The layer's output, passed through Observe when this forward is a training
+        observation; as it is otherwise."""
+        from .observe import Observe  # observe.py needs nothing of this module at import
+        reason = self._unobserved_reason(module)
+        if reason is not None:
+            if reason:
+                self.unobserved = reason
+            return z
+        if not isinstance(z, torch.Tensor) or not z.is_floating_point():
+            raise TypeError(f"layer {self.name!r}: its output must be a floating-point tensor, "
+                            f"got {getattr(z, 'dtype', type(z).__name__)}")
+        if z.device != self.device or ops.moments_dtype(z.dtype) != self.dtype:
+            raise RuntimeError(
+                f"layer {self.name!r} was instrumented for {self.dtype} statistics on "
+                f"{self.device} and now computes in {z.dtype} on {z.device}: move or cast the "
+                f"model before instrumenting it (mon.remove(); model.to(...); "
+                f"mon = lf.instrument(model))")
+        pending = ops.batch_stats(self.rows(z.detach())) if self.track["activation"] else (None, None)
+        if not z.requires_grad:
+            # no backward will reach this forward (a frozen layer fed by frozen layers): count
+            # its activations now
+            self.merge("activation", pending)
+            self.unobserved = "its output needs no gradient (frozen parameters and input)"
+            return z
+        return Observe.apply(z, *pending, self)
+
+    def _unobserved_reason(self, module) -> str | None:
+        """None for a training observation, else why not ("" when by the user's choice)."""
+        if self.paused or not self.sampling:
+            return ""
+        if not module.training:
+            return "the module is in eval mode (call model.train())"
+        if not torch.is_grad_enabled():
+            return "gradients are disabled (torch.no_grad / inference_mode)"
+        if not (self.track["activation"] or self.track["gradient"]):
+            return "activations and gradients are not tracked"
+        if _functorch_active() or _forward_ad_active():
+            return "it ran inside a torch.func transform or forward-mode AD"
+        return None
+
+    def observe_backward(self, pending, grad_z: torch.Tensor) -> None:
+        """One backward through an observed forward: merge its activation stats and dL/dz's."""
+        if self.paused:
+            return
+        if pending[0] is not None:
+            self.merge("activation", pending)
+        if self.track["gradient"]:
+            stats = ops.batch_stats(self.rows(grad_z.detach()))
+            if self.staged is None:
+                self.merge("gradient", stats)
+            else:
+                self._stage_unscaled(*stats)
+
+    # -- mixed precision --------------------------------------------------------------------
+    def _stage_unscaled(self, counts, moments) -> None:
+        factors = self.grad_scale.unscale_factors(moments.dtype)
+        if factors is not None:
+            moments = moments * factors
+        ops.merge_stats(*self.staged, counts, moments)
+
+    def commit_staged(self, keep: torch.Tensor) -> None:
+        """Merge this step's staged gradient statistics when `keep` (a 0-d 0/1 int64 tensor)."""
+        counts, moments = self.staged
+        ops.merge_stats(self.buffers["gradient.counts"], self.buffers["gradient.moments"],
+                        counts * keep, moments)
+        counts.zero_()
+        moments.zero_()
+
+    # -- weights ----------------------------------------------------------------------------
     def weight_observation(self, weight: torch.Tensor) -> torch.Tensor:
         """What one step records of the weight: every element, or each neuron's RMS weight."""
         w = weight.detach()
@@ -68,8 +190,14 @@ class LayerState:
         return torch.linalg.vector_norm(w.reshape(self.neurons, fan_in), dim=1,
                                         dtype=torch.float32).div_(math.sqrt(fan_in))
 
-    def observing(self) -> bool:
-        return self.sampling and (self.track["activation"] or self.track["gradient"])
+    def check_parameter(self, kind: str, p: torch.Tensor) -> None:
+        """Refuse a parameter moved or cast since instrument, before any state is touched."""
+        if p.device != self.device or ops.moments_dtype(p.dtype) != self.dtype:
+            raise RuntimeError(
+                f"layer {self.name!r}: its {kind} is now {p.dtype} on {p.device}, but it was "
+                f"instrumented for {self.dtype} statistics on {self.device}: move or cast the "
+                f"model before instrumenting it (mon.remove(); model.to(...); "
+                f"mon = lf.instrument(model))")
 
     def _add_temporal(self, kind: str, observed: torch.Tensor) -> None:
         for part, t in zip(TEMPORAL_PARTS, ops.new_state(observed, self.dtype)):
@@ -79,10 +207,14 @@ class LayerState:
         """The (tally, skipped, moments) buffers of "weight" or "bias"."""
         return [self.buffers[f"{kind}.{part}"] for part in TEMPORAL_PARTS]
 
+    # -- state ------------------------------------------------------------------------------
     def merge(self, kind: str, stats) -> None:
-        if stats is not None and self.track[kind]:
+        if stats[0] is not None and self.track[kind]:
             ops.merge_stats(self.buffers[f"{kind}.counts"], self.buffers[f"{kind}.moments"], *stats)
 
     def reset(self) -> None:
         for t in self.buffers.values():
             t.zero_()
+        if self.staged is not None:
+            for t in self.staged:
+                t.zero_()

@@ -1,85 +1,122 @@
-"""Drop-in wrappers: FluctLinear, FluctConv1d, FluctConv2d.
+"""Layer kinds and the drop-in wrappers built from them.
 
-Each subclasses the torch module it replaces, with the same parameters and state_dict keys,
-so a torch checkpoint loads into a wrapped model and back. `instrument` turns a module into
-its wrapper in place (its class is swapped; the object, its parameters and any hooks on it
-stay) and `Monitor.remove` swaps it back. A wrapper owns only the `_lrfluct` attribute
-(its LayerState); forwards that are not training observations (eval, no_grad, a step the
-Monitor does not sample) run the plain torch forward.
+A layer kind says where a module's neurons are: `KINDS[torch type](module)` returns the
+function that views the module's output (or dL/dz) as [R, N], neurons last. A module is of
+the kind of the first class of its MRO found in KINDS, so subclasses (and parametrized
+modules) are served by their base's entry.
+
+`wrap(module, state)` turns a module into its wrapper in place: its class is swapped for
+`wrapper_class(type(module))`, a subclass of the module's own class whose forward runs the
+module's forward unchanged and passes the output through the LayerState (Observe). The
+object, its parameters, hooks and state_dict stay. `unwrap` swaps back, also when a
+parametrization was added after wrapping (its class is rebuilt on the original).
+A copy of a wrapped module (copy.deepcopy, pickle, torch.save of the whole model) is the plain
+module: no wrapper and no monitor state. This module owns the wrapper classes and the `_lrfluct`
+attribute; it never touches parameters or gradients.
 """
 from __future__ import annotations
 
-import contextlib
+import copy
+from typing import Callable
 
 import torch
 from torch import nn
 
-from .fused import ConvWithStats, LinearWithStats
-from .layer_state import LayerState
+from .layer_state import LayerState, matrix
+
+RowsFn = Callable[[torch.Tensor], torch.Tensor]
 
 
-def _autocast(x, weight, bias):
-    """Cast to the autocast dtype here, so the fused function sees one dtype (and grads
-    flow back to the parameters' dtype through the casts). As autocast does, float64
-    tensors are left alone. Returns the inputs and the context the fused function runs in:
-    autocast off, when it was on."""
-    device = x.device.type
-    if not torch.is_autocast_enabled(device):
-        return x, weight, bias, contextlib.nullcontext()  # the common case: no context to enter
-    off = torch.autocast(device, enabled=False)
-    if torch.float64 in (x.dtype, weight.dtype):
-        return x, weight, bias, off
-    dtype = torch.get_autocast_dtype(device)
-    return x.to(dtype), weight.to(dtype), (bias.to(dtype) if bias is not None else None), off
+def _features_last(module: nn.Module) -> RowsFn:
+    """Linear: output features are the last dim; a view."""
+    return matrix
 
 
-def _observed(module, x) -> bool:
-    state: LayerState | None = getattr(module, "_lrfluct", None)
-    return (state is not None and module.training and torch.is_grad_enabled()
-            and state.observing())
+def _channels(module: nn.Module) -> RowsFn:
+    """ConvNd: output channels are dim 1 (dim 0 for an unbatched input); moving them last copies."""
+    spatial = len(module.kernel_size)
+
+    def rows(t: torch.Tensor) -> torch.Tensor:
+        return matrix(t.movedim(1 if t.dim() == spatial + 2 else 0, -1))
+    return rows
 
 
-class FluctLinear(nn.Linear):
-    def forward(self, x):
-        if not _observed(self, x):
-            return super().forward(x)
-        x, w, b, plain_dtypes = _autocast(x, self.weight, self.bias)
-        with plain_dtypes:
-            return LinearWithStats.apply(x, w, b, self._lrfluct)
+KINDS: dict[type, Callable[[nn.Module], RowsFn]] = {
+    nn.Linear: _features_last,
+    nn.Conv1d: _channels, nn.Conv2d: _channels, nn.Conv3d: _channels,
+}
 
 
-class _FluctConvNd:
-    def forward(self, x):
-        if not _observed(self, x):
-            return super().forward(x)
-        unbatched = x.dim() == len(self.kernel_size) + 1
-        if unbatched:
-            x = x.unsqueeze(0)
-        x, w, b, plain_dtypes = _autocast(x, self.weight, self.bias)
-        with plain_dtypes:
-            z = ConvWithStats.apply(x, w, b, self._lrfluct, self.stride, self.padding,
-                                    self.dilation, self.groups)
-        return z.squeeze(0) if unbatched else z
-
-
-class FluctConv1d(_FluctConvNd, nn.Conv1d):
-    pass
-
-
-class FluctConv2d(_FluctConvNd, nn.Conv2d):
-    pass
-
-
-# torch module type -> (wrapper, kind of neuron view)
-WRAPPERS = {nn.Linear: (FluctLinear, "linear"), nn.Conv1d: (FluctConv1d, "conv"),
-            nn.Conv2d: (FluctConv2d, "conv")}
-
-
-def unsupported_reason(module: nn.Module) -> str | None:
-    """Why a supported-type module cannot be wrapped, or None."""
-    if isinstance(module, (nn.Conv1d, nn.Conv2d)):
-        if isinstance(module.padding, str):
-            return f"padding={module.padding!r} (use explicit integer padding)"
-        if module.padding_mode != "zeros":
-            return f"padding_mode={module.padding_mode!r}"
+def kind_of(module: nn.Module):
+    """The KINDS entry serving `module` (by its MRO), or None."""
+    for cls in type(module).__mro__:
+        entry = KINDS.get(cls)
+        if entry is not None:
+            return entry
     return None
+
+
+def rows_of(module: nn.Module) -> RowsFn:
+    """The [R, N] view of `module`'s output."""
+    return kind_of(module)(module)
+
+
+class Observed:
+    """Mixin of every wrapper class: the module's own forward, its output observed."""
+
+    def forward(self, *args, **kwargs):
+        return self._lrfluct.observe(self, super().forward(*args, **kwargs))
+
+    def __deepcopy__(self, memo):
+        cls = plain_class(type(self))
+        replica = cls.__new__(cls)
+        memo[id(self)] = replica
+        replica.__dict__ = {k: copy.deepcopy(v, memo) for k, v in self.__dict__.items()
+                            if k != "_lrfluct"}
+        return replica
+
+    def __reduce_ex__(self, protocol):
+        fn, args, state, *rest = super().__reduce_ex__(protocol)
+        if state is not None and args and args[0] is type(self):
+            args = (plain_class(type(self)), *args[1:])
+            state = {k: v for k, v in state.items() if k != "_lrfluct"}
+        return (fn, args, state, *rest)
+
+
+_WRAPPERS: dict[type, type] = {}
+
+
+def wrapper_class(cls: type) -> type:
+    """The wrapper of torch module class `cls` (made once per class): Fluct<cls name>."""
+    w = _WRAPPERS.get(cls)
+    if w is None:
+        w = _WRAPPERS[cls] = type(f"Fluct{cls.__name__}", (Observed, cls),
+                                  {"_lrfluct_original": cls, "__module__": __name__})
+    return w
+
+
+def plain_class(cls: type) -> type:
+    """`cls` without the wrapper: the original class, or (for a class derived from a wrapper,
+    such as the one torch's parametrize makes) the same class rebuilt on the original."""
+    if "_lrfluct_original" in cls.__dict__:
+        return cls._lrfluct_original
+    if not issubclass(cls, Observed):
+        return cls
+    body = {k: v for k, v in cls.__dict__.items() if k not in ("__dict__", "__weakref__")}
+    return type(cls.__name__, tuple(plain_class(b) for b in cls.__bases__), body)
+
+
+def wrap(module: nn.Module, state: LayerState) -> None:
+    module._lrfluct = state
+    module.__class__ = wrapper_class(type(module))
+
+
+def unwrap(module: nn.Module) -> None:
+    module.__class__ = plain_class(type(module))
+    module.__dict__.pop("_lrfluct", None)
+
+
+FluctLinear = wrapper_class(nn.Linear)
+FluctConv1d = wrapper_class(nn.Conv1d)
+FluctConv2d = wrapper_class(nn.Conv2d)
+FluctConv3d = wrapper_class(nn.Conv3d)

@@ -1,0 +1,38 @@
+"""Observe: the identity autograd function through which a wrapped layer's output passes.
+
+The layer itself runs exactly as torch runs it (its own forward, its own autograd), so every
+gradient, second-order derivative and autograd feature is the plain model's. Only the output
+z passes through Observe:
+
+    forward:   z -> z (a detached alias, so in-place ops after the layer, such as
+               ReLU(inplace=True), stay allowed), carrying this forward's activation
+               statistics, computed from z by the caller, on its autograd node (ctx)
+    backward:  dL/dz -> dL/dz unchanged; the layer's state merges the pending activation
+               statistics and the statistics of dL/dz (one extra read of dL/dz)
+
+Counting rule: every backward that reaches a forward's node counts that forward once more,
+its activations and its dL/dz together (activation.count == gradient.count). A backward run
+inside `Monitor.paused()` counts nothing. The rule needs no Python state on the node, so a
+compiled graph (torch.compile), where such state would be frozen at trace time, counts
+exactly as eager does.
+"""
+from __future__ import annotations
+
+import torch
+
+
+class Observe(torch.autograd.Function):
+    @staticmethod
+    def forward(z, counts, moments, state):
+        return z.detach()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _, counts, moments, state = inputs
+        ctx.pending = (counts, moments)  # None, None when activations are not tracked
+        ctx.state = state
+
+    @staticmethod
+    def backward(ctx, grad_z):
+        ctx.state.observe_backward(ctx.pending, grad_z)
+        return grad_z, None, None, None
