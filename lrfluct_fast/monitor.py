@@ -47,7 +47,7 @@ import torch
 from torch import nn
 
 from . import distributed, metrics, ops, rundir
-from .nn import LayerState, kind_of, unwrap, wrap
+from .nn import LayerState, kind_of, parameter_value, unwrap, wrap
 from .nn.layer_state import GradScale
 
 # Layout of state_dict(); 2: weight and bias temporal state as (tally, skipped, moments).
@@ -87,12 +87,14 @@ class Monitor:
             for _, m in self.layers.items():
                 st: LayerState = m._lrfluct
                 if st.track["weight"]:
-                    st.check_parameter("weight", m.weight)
-                    values.append(st.weight_observation(m.weight))
+                    weight = parameter_value(m, "weight")
+                    st.check_parameter("weight", weight)
+                    values.append(st.weight_observation(weight))
                     states.append(st.temporal_state("weight"))
                 if st.track["bias"]:
-                    st.check_parameter("bias", m.bias)
-                    values.append(m.bias.detach())
+                    bias = parameter_value(m, "bias")
+                    st.check_parameter("bias", bias)
+                    values.append(bias.detach())
                     states.append(st.temporal_state("bias"))
             if values:
                 ops.temporal_update(values, *zip(*states))
@@ -291,7 +293,8 @@ def instrument(model: nn.Module, **options) -> Monitor:
             if any(True for _ in m.parameters(recurse=False)):
                 skipped.append((name, f"{type(m).__name__} is not supported"))
             continue
-        state = LayerState(name, kind(m), m.weight, m.bias, activations=opts["activations"],
+        state = LayerState(name, kind(m), parameter_value(m, "weight"), parameter_value(m, "bias"),
+                           activations=opts["activations"],
                            gradients=opts["gradients"], weights=opts["weights"],
                            biases=opts["biases"], weight_mode=opts["weight_mode"],
                            grad_scale=grad_scale)

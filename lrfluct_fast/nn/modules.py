@@ -17,6 +17,7 @@ attribute; it never touches parameters or gradients.
 from __future__ import annotations
 
 import copy
+import copyreg
 from typing import Callable
 
 import torch
@@ -76,11 +77,9 @@ class Observed:
         return replica
 
     def __reduce_ex__(self, protocol):
-        fn, args, state, *rest = super().__reduce_ex__(protocol)
-        if state is not None and args and args[0] is type(self):
-            args = (plain_class(type(self)), *args[1:])
-            state = {k: v for k, v in state.items() if k != "_lrfluct"}
-        return (fn, args, state, *rest)
+        # the plain class, rebuilt by the standard library (loading needs no lrfluct_fast)
+        state = {k: v for k, v in self.__getstate__().items() if k != "_lrfluct"}
+        return copyreg._reconstructor, (plain_class(type(self)), object, None), state
 
 
 _WRAPPERS: dict[type, type] = {}
@@ -104,6 +103,21 @@ def plain_class(cls: type) -> type:
         return cls
     body = {k: v for k, v in cls.__dict__.items() if k not in ("__dict__", "__weakref__")}
     return type(cls.__name__, tuple(plain_class(b) for b in cls.__bases__), body)
+
+
+def parameter_value(module: nn.Module, name: str) -> torch.Tensor:
+    """module.<name> as its forward sees it. A parametrized tensor is computed with its
+    parametrizations in eval mode: reading it must not run spectral_norm's power iteration."""
+    plist = getattr(module, "parametrizations", None)
+    if plist is None or name not in plist:
+        return getattr(module, name)
+    modes = [(m, m.training) for m in plist[name].modules()]
+    try:
+        plist[name].eval()
+        return getattr(module, name)
+    finally:
+        for m, training in modes:
+            m.training = training
 
 
 def wrap(module: nn.Module, state: LayerState) -> None:
