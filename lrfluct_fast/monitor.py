@@ -88,12 +88,12 @@ class Monitor:
                 st: LayerState = m._lrfluct
                 if st.track["weight"]:
                     weight = parameter_value(m, "weight")
-                    st.check_parameter("weight", weight)
+                    st.check_placement("its weight", weight)
                     values.append(st.weight_observation(weight))
                     states.append(st.temporal_state("weight"))
                 if st.track["bias"]:
                     bias = parameter_value(m, "bias")
-                    st.check_parameter("bias", bias)
+                    st.check_placement("its bias", bias)
                     values.append(bias.detach())
                     states.append(st.temporal_state("bias"))
             if values:

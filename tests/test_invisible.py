@@ -479,7 +479,7 @@ def test_dtype_or_device_change_after_instrument_fails_at_once():
     model = build("mlp", 30)
     mon = lf.instrument(model)
     model.double()
-    with pytest.raises(RuntimeError, match=r"layer 'fc1' .*instrument"):
+    with pytest.raises(RuntimeError, match=r"layer 'fc1': its output is now torch.float64 .*instrument"):
         model(make_input("mlp", dtype=torch.float64))
     with pytest.raises(RuntimeError, match=r"layer 'fc1': its weight is now torch.float64"):
         mon.step()

@@ -120,12 +120,7 @@ class LayerState:
         if not isinstance(z, torch.Tensor) or not z.is_floating_point():
             raise TypeError(f"layer {self.name!r}: its output must be a floating-point tensor, "
                             f"got {getattr(z, 'dtype', type(z).__name__)}")
-        if z.device != self.device or ops.moments_dtype(z.dtype) != self.dtype:
-            raise RuntimeError(
-                f"layer {self.name!r} was instrumented for {self.dtype} statistics on "
-                f"{self.device} and now computes in {z.dtype} on {z.device}: move or cast the "
-                f"model before instrumenting it (mon.remove(); model.to(...); "
-                f"mon = lf.instrument(model))")
+        self.check_placement("its output", z)
         pending = ops.batch_stats(self.rows(z.detach())) if self.track["activation"] else (None, None)
         if not z.requires_grad:
             # no backward will reach this forward (a frozen layer fed by frozen layers): count
@@ -190,11 +185,12 @@ class LayerState:
         return torch.linalg.vector_norm(w.reshape(self.neurons, fan_in), dim=1,
                                         dtype=torch.float32).div_(math.sqrt(fan_in))
 
-    def check_parameter(self, kind: str, p: torch.Tensor) -> None:
-        """Refuse a parameter moved or cast since instrument, before any state is touched."""
-        if p.device != self.device or ops.moments_dtype(p.dtype) != self.dtype:
+    def check_placement(self, what: str, t: torch.Tensor) -> None:
+        """Refuse a tensor of the layer (its output, weight or bias) moved or cast since
+        instrument, before any statistic is touched."""
+        if t.device != self.device or ops.moments_dtype(t.dtype) != self.dtype:
             raise RuntimeError(
-                f"layer {self.name!r}: its {kind} is now {p.dtype} on {p.device}, but it was "
+                f"layer {self.name!r}: {what} is now {t.dtype} on {t.device}, but it was "
                 f"instrumented for {self.dtype} statistics on {self.device}: move or cast the "
                 f"model before instrumenting it (mon.remove(); model.to(...); "
                 f"mon = lf.instrument(model))")
