@@ -35,14 +35,20 @@ import torch
 from torch import nn
 
 from . import metrics, ops
-from .nn import kind_of, rows_of
+from .layers import kind_of, parameter_value
 
 KINDS = ("activation", "gradient", "weight", "bias")
 
 
 def neuron_rows(module: nn.Module, t: torch.Tensor) -> torch.Tensor:
-    """The [R, N] view the wrappers use (nn.modules.KINDS)."""
-    return rows_of(module)(t)
+    """The [R, N] view the wrappers use (lrfluct_fast.layers)."""
+    return kind_of(module).rows(module)(t)
+
+
+def _parameter(module: nn.Module, role: str):
+    """The module's "weight" or "bias" as its layer kind names it (None when absent)."""
+    spec = getattr(kind_of(module), role)
+    return None if spec is None else parameter_value(module, spec[0])
 
 
 class _HookMonitor:
@@ -50,7 +56,8 @@ class _HookMonitor:
 
     def __init__(self, model: nn.Module, dead_threshold: float = 0.01):
         self.dead_threshold = dead_threshold
-        self._modules = {name: m for name, m in model.named_modules() if kind_of(m) is not None}
+        self._modules = {name: m for name, m in model.named_modules() if kind_of(m) is not None
+                         and (kind_of(m).check is None or kind_of(m).check(m) is None)}
         self.layers = list(self._modules)
         self._removed = False
         self._handles = [m.register_forward_hook(self._forward_hook(name))
@@ -114,9 +121,10 @@ class _HookMonitor:
             return
         self._steps += 1
         for name, m in self._modules.items():
-            self._observe_parameter(name, "weight", m.weight.detach())
-            if m.bias is not None:
-                self._observe_parameter(name, "bias", m.bias.detach())
+            for role in ("weight", "bias"):
+                value = _parameter(m, role)
+                if value is not None:
+                    self._observe_parameter(name, role, value.detach())
 
     def reset(self) -> None:
         """Forget every statistic and the step count; hooks stay in place."""
@@ -143,15 +151,18 @@ class _HookMonitor:
     def summary(self) -> dict[str, dict[str, np.ndarray]]:
         out = {}
         for name, m in self._modules.items():
-            n = m.weight.shape[0]
+            weight, bias = _parameter(m, "weight"), _parameter(m, "bias")
+            rows = kind_of(m).neuron_rows_of_weight(m, weight.detach().cpu().double())
+            n = rows.shape[0]
             s = {}
             for kind in ("activation", "gradient"):
                 s.update(metrics.summarize_stats(kind, *self._packed(name, kind, n)))
-            wvar = self._temporal_var(name, "weight", m.weight.shape)
+            wvar = self._temporal_var(name, "weight", weight.shape)
             s["weight.temporal_var"] = wvar
-            s["weight.spread"] = metrics.weight_spread(wvar)
-            s["bias.spread"] = (np.sqrt(self._temporal_var(name, "bias", n)) if m.bias is not None
-                                else np.full(n, np.nan))
+            s["weight.spread"] = metrics.weight_spread(
+                kind_of(m).neuron_rows_of_weight(m, torch.from_numpy(wvar)).numpy())
+            s["bias.spread"] = (np.sqrt(self._temporal_var(name, "bias", bias.shape)).reshape(-1)
+                                if bias is not None else np.full(n, np.nan))
             s["steps"] = np.array(self._steps, dtype=np.int64)
             out[name] = s
         return out

@@ -163,12 +163,14 @@ def _temporal(buffers: Mapping[str, np.ndarray], kind: str):
 
 
 def layer_summary(buffers: Mapping[str, np.ndarray], *, track: Mapping[str, bool],
-                  weight_mode: str, steps: int) -> dict[str, np.ndarray]:
+                  weight_mode: str, steps: int, weight_rows=None) -> dict[str, np.ndarray]:
     """One layer's summary (the keys of DESIGN section 2) from its packed statistics on host.
 
     `buffers` holds the LayerState buffers as numpy arrays ("activation.counts",
     "activation.moments", ..., "weight.tally", "weight.skipped", "weight.moments"); "weight.spread"
     may stand in for the weight's temporal state, already reduced per neuron, and then "weight.temporal_var" is absent.
+    `weight_rows` maps a weight-shaped array to [N, fan_in], neuron j's incoming weights in
+    row j (default: neurons are the first dim); "weight.temporal_var" keeps the weight's shape.
     """
     b, s = buffers, {}
     for kind in ("activation", "gradient"):
@@ -179,10 +181,11 @@ def layer_summary(buffers: Mapping[str, np.ndarray], *, track: Mapping[str, bool
             s["weight.spread"] = _f64(b["weight.spread"])
         elif weight_mode == "element":
             s["weight.temporal_var"] = temporal_var(*_temporal(b, "weight"))
-            s["weight.spread"] = weight_spread(s["weight.temporal_var"])
+            tv = s["weight.temporal_var"]
+            s["weight.spread"] = weight_spread(tv if weight_rows is None else weight_rows(tv))
         else:
-            s["weight.spread"] = np.sqrt(temporal_var(*_temporal(b, "weight")))
+            s["weight.spread"] = np.sqrt(temporal_var(*_temporal(b, "weight"))).reshape(-1)
     if track["bias"]:
-        s["bias.spread"] = np.sqrt(temporal_var(*_temporal(b, "bias")))
+        s["bias.spread"] = np.sqrt(temporal_var(*_temporal(b, "bias"))).reshape(-1)
     s["steps"] = np.array(steps, dtype=np.int64)
     return s

@@ -47,8 +47,8 @@ import torch
 from torch import nn
 
 from . import distributed, metrics, ops, rundir
-from .nn import LayerState, kind_of, parameter_value, unwrap, wrap
-from .nn.layer_state import GradScale
+from .layers import kind_of, parameter_value
+from .nn import GradScale, LayerState, unwrap, wrap
 
 # Layout of state_dict(); 2: weight and bias temporal state as (tally, skipped, moments).
 STATE_VERSION = 2
@@ -87,13 +87,13 @@ class Monitor:
             for _, m in self.layers.items():
                 st: LayerState = m._lrfluct
                 if st.track["weight"]:
-                    weight = parameter_value(m, "weight")
-                    st.check_placement("its weight", weight)
+                    weight = parameter_value(m, st.params["weight"])
+                    st.check_placement("its weight", weight, st.weight_shape)
                     values.append(st.weight_observation(weight))
                     states.append(st.temporal_state("weight"))
                 if st.track["bias"]:
-                    bias = parameter_value(m, "bias")
-                    st.check_placement("its bias", bias)
+                    bias = parameter_value(m, st.params["bias"])
+                    st.check_placement("its bias", bias, st.bias_shape)
                     values.append(bias.detach())
                     states.append(st.temporal_state("bias"))
             if values:
@@ -146,7 +146,7 @@ class Monitor:
         self._check_live()
         host = distributed.host_buffers(self._states())  # every rank's batches, merged
         out = {name: metrics.layer_summary(host[name], track=st.track, weight_mode=st.weight_mode,
-                                           steps=self.steps)
+                                           steps=self.steps, weight_rows=_numpy(st.weight_rows))
                for name, st in self._states()}
         self._warn_unobserved(out)
         return out
@@ -250,6 +250,11 @@ class Monitor:
                 f"steps={self.steps}, backend={_backend_name(self.layers)})")
 
 
+def _numpy(fn):
+    """A function of torch tensors applied to numpy arrays."""
+    return lambda a: fn(torch.from_numpy(np.ascontiguousarray(a))).numpy()
+
+
 def _backend_name(layers) -> str:
     from ._backend import backend
     devices = {p.device for m in layers.values() for p in m.parameters()}
@@ -291,18 +296,22 @@ def instrument(model: nn.Module, **options) -> Monitor:
         kind = kind_of(m)
         if kind is None:
             if any(True for _ in m.parameters(recurse=False)):
-                skipped.append((name, f"{type(m).__name__} is not supported"))
+                skipped.append((name, f"{type(m).__name__} is not supported (no layer kind is "
+                                      f"registered for it: lf.register_layer)"))
             continue
-        state = LayerState(name, kind(m), parameter_value(m, "weight"), parameter_value(m, "bias"),
-                           activations=opts["activations"],
+        reason = kind.check(m) if kind.check is not None else None
+        if reason is not None:
+            skipped.append((name, f"{type(m).__name__}: {reason}"))
+            continue
+        state = LayerState(name, m, kind, activations=opts["activations"],
                            gradients=opts["gradients"], weights=opts["weights"],
                            biases=opts["biases"], weight_mode=opts["weight_mode"],
                            grad_scale=grad_scale)
         wrap(m, state)
         layers[name] = m
     if not layers:
-        raise ValueError(f"nothing to monitor in {type(model).__name__}: it has no nn.Linear, "
-                         f"nn.Conv1d/2d/3d layer (skipped: {skipped or 'none'})")
+        raise ValueError(f"nothing to monitor in {type(model).__name__}: no module of a "
+                         f"registered layer kind (skipped: {skipped or 'none'})")
     mon = Monitor(layers, skipped, opts, grad_scale)
     if opts["log_dir"] is not None:
         try:

@@ -25,7 +25,7 @@ import lrfluct_fast as lf
 from lrfluct_fast.baselines import HookSnapshot
 
 from models import batches, build
-from twins import assert_summaries_close, loss_of, train
+from twins import assert_summaries_close, loss_of
 
 
 class Convs(nn.Module):

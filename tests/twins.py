@@ -19,7 +19,7 @@ COUNT_KEYS = {"activation.count", "activation.nonfinite", "gradient.count",
               "gradient.nonfinite", "steps"}
 METRIC_KEYS = ("spread_of_spread", "spread_cv", "participation_ratio", "dead_fraction",
                "mean_active_fraction")
-SUPPORTED = (nn.Linear, nn.Conv1d, nn.Conv2d)
+SUPPORTED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.LayerNorm)  # every kind of tests/models.py
 
 
 def make_opt(model, kind):

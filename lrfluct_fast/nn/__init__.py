@@ -1,9 +1,7 @@
 """Drop-in module wrappers that observe a layer's output and its gradient (Observe)."""
-from .layer_state import LayerState, matrix
-from .modules import (KINDS, FluctConv1d, FluctConv2d, FluctConv3d, FluctLinear, kind_of, parameter_value, plain_class,
-                      rows_of, unwrap, wrap, wrapper_class)
+from .layer_state import GradScale, LayerState
+from .modules import FluctConv1d, FluctConv2d, FluctLinear, plain_class, unwrap, wrap, wrapper_class
 from .observe import Observe
 
-__all__ = ["FluctLinear", "FluctConv1d", "FluctConv2d", "FluctConv3d", "KINDS", "LayerState",
-           "Observe", "kind_of", "matrix", "parameter_value", "plain_class", "rows_of", "unwrap", "wrap",
-           "wrapper_class"]
+__all__ = ["FluctLinear", "FluctConv1d", "FluctConv2d", "GradScale", "LayerState", "Observe",
+           "plain_class", "unwrap", "wrap", "wrapper_class"]

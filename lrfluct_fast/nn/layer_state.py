@@ -8,19 +8,14 @@ its gradients, and never synchronises with the host.
 from __future__ import annotations
 
 import math
-from typing import Callable
 
 import torch
+from torch import nn
 
 from .. import ops
+from ..layers import LayerKind, parameter_value
 
 TEMPORAL_PARTS = ("tally", "skipped", "moments")  # buffer names of a temporal state (ops.new_state)
-
-
-def matrix(t: torch.Tensor) -> torch.Tensor:
-    """t as [rows, last dim], rows = the product of the other dims (1 for a 1-D t). flatten,
-    not reshape(-1, n): that is ambiguous for n = 0 (zero-width layers exist), and slower."""
-    return t.flatten(0, -2) if t.dim() > 1 else t.unsqueeze(0)
 
 
 def _functorch_active() -> bool:
@@ -69,19 +64,29 @@ class GradScale:
 class LayerState:
     """Running statistics of one layer.
 
-    `rows(t)` views the layer's output (or dL/dz) as [R, N], neurons last. `grad_scale`, when
+    `kind` (lrfluct_fast.layers) says where the module's neurons are. `grad_scale`, when
     given, is the GradScale of a torch.amp.GradScaler whose scale multiplies dL/dz; gradient
     statistics are then unscaled and wait in a per-step buffer that Monitor.step commits, or
     drops when the scaler skipped the step.
     """
 
-    def __init__(self, name: str, rows: Callable[[torch.Tensor], torch.Tensor],
-                 weight: torch.Tensor, bias: torch.Tensor | None, *, activations: bool,
+    def __init__(self, name: str, module: nn.Module, kind: LayerKind, *, activations: bool,
                  gradients: bool, weights: bool, biases: bool, weight_mode: str,
                  grad_scale: GradScale | None = None):
         self.name = name
-        self.rows = rows
-        self.neurons = weight.shape[0]
+        self.kind = kind
+        self.rows = kind.rows(module)
+        self.params = {role: spec[0] for role, spec in (("weight", kind.weight), ("bias", kind.bias))
+                       if spec is not None and parameter_value(module, spec[0]) is not None}
+        if "weight" not in self.params:
+            raise ValueError(f"layer {name!r} ({type(module).__name__}) has no weight "
+                             f"{kind.weight[0] if kind.weight else ''!r} to say how many neurons it has")
+        weight = parameter_value(module, self.params["weight"])
+        bias = parameter_value(module, self.params["bias"]) if "bias" in self.params else None
+        self._module_type = type(module)
+        self._weight_rows = lambda t, m=module, k=kind: k.neuron_rows_of_weight(m, t)
+        self.neurons = self.weight_rows(torch.empty(weight.shape, device="meta")).shape[0]
+        self.weight_shape = tuple(weight.shape)
         self.weight_mode = weight_mode
         self.dtype = ops.moments_dtype(weight.dtype)
         self.device = weight.device
@@ -89,6 +94,9 @@ class LayerState:
         n, dev = self.neurons, weight.device
         self.track = {"activation": activations, "gradient": gradients,
                       "weight": weights, "bias": biases and bias is not None}
+        if bias is not None and bias.numel() != self.neurons:
+            raise ValueError(f"layer {name!r}: its bias has {bias.numel()} elements for "
+                             f"{self.neurons} neurons")
         self.buffers: dict[str, torch.Tensor] = {}
         for kind in ("activation", "gradient"):
             if self.track[kind]:
@@ -103,6 +111,7 @@ class LayerState:
             self._add_temporal("weight", self.weight_observation(weight))
         if self.track["bias"]:
             self._add_temporal("bias", bias)
+        self.bias_shape = None if bias is None else tuple(bias.shape)
         self.sampling = True  # observe this step's forwards and backwards (set by the Monitor)
         self.paused = False   # inside Monitor.paused()
         self.unobserved = None  # why the last forward was not observed (for the no-data warning)
@@ -121,7 +130,7 @@ class LayerState:
             raise TypeError(f"layer {self.name!r}: its output must be a floating-point tensor, "
                             f"got {getattr(z, 'dtype', type(z).__name__)}")
         self.check_placement("its output", z)
-        pending = ops.batch_stats(self.rows(z.detach())) if self.track["activation"] else (None, None)
+        pending = ops.batch_stats(self._rows(z)) if self.track["activation"] else (None, None)
         if not z.requires_grad:
             # no backward will reach this forward (a frozen layer fed by frozen layers): count
             # its activations now
@@ -129,6 +138,21 @@ class LayerState:
             self.unobserved = "its output needs no gradient (frozen parameters and input)"
             return z
         return Observe.apply(z, *pending, self)
+
+    def _rows(self, t: torch.Tensor) -> torch.Tensor:
+        """t (z or dL/dz) as [R, N]; refuses an output whose neurons do not match the weight's."""
+        rows = self.rows(t.detach())
+        if rows.dim() != 2 or rows.shape[1] != self.neurons:
+            raise ValueError(
+                f"layer {self.name!r} ({self._module_type.__name__}): its output {list(t.shape)} "
+                f"viewed by its layer kind gives {list(rows.shape)}, not [rows, {self.neurons}] "
+                f"for its {self.neurons} neurons; the kind registered for it does not fit this "
+                f"module (lf.register_layer)")
+        return rows
+
+    def weight_rows(self, t: torch.Tensor) -> torch.Tensor:
+        """A weight-shaped tensor as [N, fan_in], neuron j's incoming weights in row j."""
+        return self._weight_rows(t)
 
     def _unobserved_reason(self, module) -> str | None:
         """None for a training observation, else why not ("" when by the user's choice)."""
@@ -151,7 +175,7 @@ class LayerState:
         if pending[0] is not None:
             self.merge("activation", pending)
         if self.track["gradient"]:
-            stats = ops.batch_stats(self.rows(grad_z.detach()))
+            stats = ops.batch_stats(self._rows(grad_z))
             if self.staged is None:
                 self.merge("gradient", stats)
             else:
@@ -181,13 +205,17 @@ class LayerState:
         # One read of the weight, accumulated in float32 (a square-mean-sqrt chain made a
         # weight-sized temporary: 2.1x slower on 4 x 2048x2048).
         # A neuron with no incoming weight has no RMS: 0 / 0 = nan, counted as non-finite.
-        fan_in = math.prod(w.shape[1:])
-        return torch.linalg.vector_norm(w.reshape(self.neurons, fan_in), dim=1,
-                                        dtype=torch.float32).div_(math.sqrt(fan_in))
+        rows = self.weight_rows(w)
+        return torch.linalg.vector_norm(rows, dim=1, dtype=torch.float32).div_(math.sqrt(rows.shape[1]))
 
-    def check_placement(self, what: str, t: torch.Tensor) -> None:
-        """Refuse a tensor of the layer (its output, weight or bias) moved or cast since
-        instrument, before any statistic is touched."""
+    def check_placement(self, what: str, t: torch.Tensor, shape: tuple | None = None) -> None:
+        """Refuse a tensor of the layer (its output, weight or bias) moved, cast or (a
+        parameter, `shape` given) replaced by one of another shape since instrument, before
+        any statistic is touched."""
+        if shape is not None and tuple(t.shape) != tuple(shape):
+            raise ValueError(f"layer {self.name!r}: {what} has shape {list(t.shape)}, but it had "
+                             f"{list(shape)} when instrumented: a parameter was replaced; "
+                             f"instrument the model again (mon.remove(); lf.instrument(model))")
         if t.device != self.device or ops.moments_dtype(t.dtype) != self.dtype:
             raise RuntimeError(
                 f"layer {self.name!r}: {what} is now {t.dtype} on {t.device}, but it was "

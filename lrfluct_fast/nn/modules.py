@@ -1,9 +1,4 @@
-"""Layer kinds and the drop-in wrappers built from them.
-
-A layer kind says where a module's neurons are: `KINDS[torch type](module)` returns the
-function that views the module's output (or dL/dz) as [R, N], neurons last. A module is of
-the kind of the first class of its MRO found in KINDS, so subclasses (and parametrized
-modules) are served by their base's entry.
+"""The drop-in wrappers: a subclass of a module's own class that observes its output.
 
 `wrap(module, state)` turns a module into its wrapper in place: its class is swapped for
 `wrapper_class(type(module))`, a subclass of the module's own class whose forward runs the
@@ -18,48 +13,10 @@ from __future__ import annotations
 
 import copy
 import copyreg
-from typing import Callable
 
-import torch
 from torch import nn
 
-from .layer_state import LayerState, matrix
-
-RowsFn = Callable[[torch.Tensor], torch.Tensor]
-
-
-def _features_last(module: nn.Module) -> RowsFn:
-    """Linear: output features are the last dim; a view."""
-    return matrix
-
-
-def _channels(module: nn.Module) -> RowsFn:
-    """ConvNd: output channels are dim 1 (dim 0 for an unbatched input); moving them last copies."""
-    spatial = len(module.kernel_size)
-
-    def rows(t: torch.Tensor) -> torch.Tensor:
-        return matrix(t.movedim(1 if t.dim() == spatial + 2 else 0, -1))
-    return rows
-
-
-KINDS: dict[type, Callable[[nn.Module], RowsFn]] = {
-    nn.Linear: _features_last,
-    nn.Conv1d: _channels, nn.Conv2d: _channels, nn.Conv3d: _channels,
-}
-
-
-def kind_of(module: nn.Module):
-    """The KINDS entry serving `module` (by its MRO), or None."""
-    for cls in type(module).__mro__:
-        entry = KINDS.get(cls)
-        if entry is not None:
-            return entry
-    return None
-
-
-def rows_of(module: nn.Module) -> RowsFn:
-    """The [R, N] view of `module`'s output."""
-    return kind_of(module)(module)
+from .layer_state import LayerState
 
 
 class Observed:
@@ -105,21 +62,6 @@ def plain_class(cls: type) -> type:
     return type(cls.__name__, tuple(plain_class(b) for b in cls.__bases__), body)
 
 
-def parameter_value(module: nn.Module, name: str) -> torch.Tensor:
-    """module.<name> as its forward sees it. A parametrized tensor is computed with its
-    parametrizations in eval mode: reading it must not run spectral_norm's power iteration."""
-    plist = getattr(module, "parametrizations", None)
-    if plist is None or name not in plist:
-        return getattr(module, name)
-    modes = [(m, m.training) for m in plist[name].modules()]
-    try:
-        plist[name].eval()
-        return getattr(module, name)
-    finally:
-        for m, training in modes:
-            m.training = training
-
-
 def wrap(module: nn.Module, state: LayerState) -> None:
     module._lrfluct = state
     module.__class__ = wrapper_class(type(module))
@@ -133,4 +75,3 @@ def unwrap(module: nn.Module) -> None:
 FluctLinear = wrapper_class(nn.Linear)
 FluctConv1d = wrapper_class(nn.Conv1d)
 FluctConv2d = wrapper_class(nn.Conv2d)
-FluctConv3d = wrapper_class(nn.Conv3d)

@@ -52,17 +52,17 @@ def snapshot(states, *, per_rank: bool = True) -> dict[str, dict[str, torch.Tens
                 continue
             snap[key] = t.clone()
         if element:
-            snap["weight.spread"] = _weight_spread(*st.temporal_state("weight"))
+            snap["weight.spread"] = _weight_spread(st, *st.temporal_state("weight"))
         out[name] = snap
     return out
 
 
-def _weight_spread(tally: torch.Tensor, skipped: torch.Tensor, moments: torch.Tensor) -> torch.Tensor:
-    """metrics.weight_spread of the temporal variance, on the device ([N])."""
+def _weight_spread(st, tally: torch.Tensor, skipped: torch.Tensor, moments: torch.Tensor) -> torch.Tensor:
+    """metrics.weight_spread of the temporal variance of LayerState st, on the device ([N])."""
     dtype = torch.float32 if tally.device.type == "mps" else torch.float64
     n = ops.temporal_counts(tally, skipped).to(dtype)
     var = torch.where(n > 0, moments[ops.M2].to(dtype) / n, torch.nan)
-    return var.reshape(var.shape[0], -1).mean(1).sqrt()
+    return st.weight_rows(var).mean(1).sqrt()
 
 
 @dataclass
