@@ -45,9 +45,10 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from . import distributed, metrics, ops, rundir
-from .layers import kind_of, parameter_value
+from .layers import kind_of, parameter_kind, parameter_value
 from .nn import GradScale, LayerState, unwrap, wrap
 
 # Layout of state_dict(); 2: weight and bias temporal state as (tally, skipped, moments).
@@ -62,9 +63,12 @@ _OPTION_DEFAULTS = dict(activations=True, gradients=True, weights=True, biases=T
 class Monitor:
     """Per-neuron statistics of the layers `instrument` wrapped. See the module docstring."""
 
-    def __init__(self, layers: dict[str, nn.Module], skipped: list[tuple[str, str]],
-                 options: dict[str, Any], grad_scale: GradScale | None = None):
-        self.layers = layers
+    def __init__(self, model: nn.Module, states: dict[str, LayerState], layers: dict[str, nn.Module],
+                 skipped: list[tuple[str, str]], options: dict[str, Any],
+                 grad_scale: GradScale | None = None):
+        self.model = model
+        self.states = states   # layer name -> its statistics
+        self.layers = layers   # layer name -> the module holding its parameters
         self.skipped = skipped
         self.options = options
         self.steps = 0
@@ -74,7 +78,7 @@ class Monitor:
         self._run: rundir.RunLog | None = None  # the run directory, with instrument(log_dir=...)
 
     def _states(self):
-        return [(name, m._lrfluct) for name, m in self.layers.items()]
+        return list(self.states.items())
 
     # -- training-step path ---------------------------------------------------------------
     @torch.no_grad()
@@ -84,8 +88,8 @@ class Monitor:
         sampled = self.steps % self.options["every"] == 0
         if sampled:
             values, states = [], []
-            for _, m in self.layers.items():
-                st: LayerState = m._lrfluct
+            for name, m in self.layers.items():
+                st = self.states[name]
                 if st.track["weight"]:
                     weight = parameter_value(m, st.params["weight"])
                     st.check_placement("its weight", weight, st.weight_shape)
@@ -245,9 +249,40 @@ class Monitor:
         if self._removed:
             raise RuntimeError("this Monitor was removed; call lf.instrument(model) again")
 
+    def coverage(self) -> dict[str, Any]:
+        """How much of the model is monitored: trainable parameters in monitored layers (a
+        parameter shared by several layers, such as tied embeddings, counted once), their
+        fraction, and each skipped module with its reason."""
+        monitored = {id(p) for name, m in self.layers.items()
+                     for p in _parameters_of(m, self.states[name])}
+        trainable = {id(p): p.numel() for p in self.model.parameters() if p.requires_grad}
+        total = sum(trainable.values())
+        covered = sum(n for i, n in trainable.items() if i in monitored)
+        return {"trainable_parameters": total, "monitored_parameters": covered,
+                "fraction": covered / total if total else float("nan"),
+                "layers": len(self.states), "skipped": list(self.skipped)}
+
+    def __str__(self) -> str:
+        c = self.coverage()
+        lines = [f"{self!r}",
+                 f"monitored: {c['monitored_parameters']:,} of {c['trainable_parameters']:,} "
+                 f"trainable parameters ({100 * c['fraction']:.2f}%) in {c['layers']} layers"]
+        lines += [f"skipped {name or '(model)'}: {reason}" for name, reason in c["skipped"]]
+        return "\n".join(lines)
+
     def __repr__(self) -> str:
-        return (f"Monitor({len(self.layers)} layers, {len(self.skipped)} skipped, "
+        return (f"Monitor({len(self.states)} layers, {len(self.skipped)} skipped, "
                 f"steps={self.steps}, backend={_backend_name(self.layers)})")
+
+
+def _parameters_of(module: nn.Module, state: LayerState):
+    """The parameter objects a layer's statistics cover: its kind's weight and bias, with what
+    they are computed from when parametrized; a whole wrapped module's own parameters."""
+    if state.rows is None:  # a parameter alone
+        return [getattr(module, state.params["weight"])]
+    own = list(module.parameters(recurse=False))
+    plist = getattr(module, "parametrizations", None)
+    return own + (list(plist.parameters()) if plist is not None else [])
 
 
 def _numpy(fn):
@@ -291,28 +326,37 @@ def instrument(model: nn.Module, **options) -> Monitor:
     for name, m in model.named_modules():
         if hasattr(m, "_lrfluct"):
             raise ValueError(f"module {name!r} is already instrumented; call remove() on its Monitor first")
-    layers, skipped = {}, []
+    layer_opts = {k: opts[k] for k in ("activations", "gradients", "weights", "biases", "weight_mode")}
+    states, layers, skipped, wrapped = {}, {}, [], []
     for name, m in model.named_modules():
+        if isinstance(m, parametrize.ParametrizationList):
+            continue  # a parametrized tensor is read through the module that owns it
         kind = kind_of(m)
-        if kind is None:
-            if any(True for _ in m.parameters(recurse=False)):
-                skipped.append((name, f"{type(m).__name__} is not supported (no layer kind is "
-                                      f"registered for it: lf.register_layer)"))
-            continue
-        reason = kind.check(m) if kind.check is not None else None
-        if reason is not None:
+        reason = kind.check(m) if kind is not None and kind.check is not None else None
+        if kind is not None and reason is None:
+            states[name] = LayerState(name, m, kind, grad_scale=grad_scale, **layer_opts)
+            layers[name] = m
+            wrapped.append(m)
+        elif reason is not None:
             skipped.append((name, f"{type(m).__name__}: {reason}"))
-            continue
-        state = LayerState(name, m, kind, activations=opts["activations"],
-                           gradients=opts["gradients"], weights=opts["weights"],
-                           biases=opts["biases"], weight_mode=opts["weight_mode"],
-                           grad_scale=grad_scale)
-        wrap(m, state)
-        layers[name] = m
-    if not layers:
+        covered = {kind.weight[0] if kind and kind.weight else None,
+                   kind.bias[0] if kind and kind.bias else None} if reason is None else set()
+        for pname, p in m.named_parameters(recurse=False):
+            if pname in covered:
+                continue
+            full = f"{name}.{pname}" if name else pname
+            if p.dim() == 0:
+                skipped.append((full, "a scalar parameter has no neurons"))
+            elif opts["weights"]:  # a parameter alone: its temporal statistics
+                states[full] = LayerState(full, m, parameter_kind(pname), grad_scale=None, **layer_opts)
+                layers[full] = m
+    if not states:
         raise ValueError(f"nothing to monitor in {type(model).__name__}: no module of a "
                          f"registered layer kind (skipped: {skipped or 'none'})")
-    mon = Monitor(layers, skipped, opts, grad_scale)
+    for name, m in layers.items():  # every state is built: only now is the model touched
+        if m in wrapped and not hasattr(m, "_lrfluct"):
+            wrap(m, states[name])
+    mon = Monitor(model, states, layers, skipped, opts, grad_scale)
     if opts["log_dir"] is not None:
         try:
             mon._run = rundir.RunLog(mon)

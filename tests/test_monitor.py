@@ -74,23 +74,36 @@ def test_summary_matches_hook_snapshot(name, opt_kind):
         assert 1.0 <= got_m[layer]["participation_ratio"] <= mon.layers[layer].weight.shape[0]
 
 
-def test_skipped_lists_unsupported_modules():
+def test_parameters_of_modules_without_a_kind_are_tracked_alone():
     class Scale(nn.Module):                   # parameters, but no layer kind
         def __init__(self):
             super().__init__()
-            self.gain = nn.Parameter(torch.ones(12))
+            self.gain = nn.Parameter(torch.ones(3, 12))
+            self.temperature = nn.Parameter(torch.tensor(1.0))
 
         def forward(self, x):
-            return x * self.gain
+            return x * self.gain.mean(0) * self.temperature
 
     model = nn.Sequential(build("block"), Scale(), nn.LayerNorm(12, elementwise_affine=False))
     mon = lf.instrument(model)
     skipped = dict(mon.skipped)
-    assert set(skipped) == {"1", "2"}
-    assert "Scale is not supported" in skipped["1"] and "register_layer" in skipped["1"]
-    assert "no affine parameters" in skipped["2"]
-    assert set(mon.layers) == {"0." + n for n in ("ln1", "q", "k", "v", "proj", "ln2", "up", "down")}
-    assert type(model[1]) is Scale
+    assert set(skipped) == {"1.temperature", "2"}
+    assert "scalar" in skipped["1.temperature"] and "no affine parameters" in skipped["2"]
+    assert set(mon.layers) == {"0." + n for n in ("ln1", "q", "k", "v", "proj", "ln2", "up", "down")} | {"1.gain"}
+    assert type(model[1]) is Scale            # not wrapped: nothing of it is observed but the parameter
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for _ in range(3):
+        opt.zero_grad()
+        loss_of(model(torch.randn(2, 5, 12))).backward()
+        opt.step()
+        mon.step()
+    s = mon.summary()["1.gain"]
+    assert set(s) == {"weight.temporal_var", "weight.spread", "steps"}
+    assert s["weight.spread"].shape == (12,) and (s["weight.spread"] > 0).any()  # features last
+    assert np.isfinite(s["weight.spread"]).all()
+    c = mon.coverage()
+    assert c["trainable_parameters"] - c["monitored_parameters"] == 1   # the temperature
+    assert "1.temperature" in str(mon) and "monitored:" in str(mon)
 
 
 # ---------------------------------------------------------------------------------------
@@ -564,9 +577,9 @@ def test_bad_options_raise():
 
 def test_nothing_supported_raises():
     with pytest.raises(ValueError, match="nothing to monitor"):
-        lf.instrument(nn.Sequential(nn.PReLU(), nn.ReLU()))
+        lf.instrument(nn.Sequential(nn.Tanh(), nn.ReLU()))
     with pytest.raises(ValueError, match="nothing to monitor"):
-        lf.instrument(nn.PReLU())
+        lf.instrument(nn.Sequential(nn.LayerNorm(3, elementwise_affine=False)))
 
 
 def test_instrument_twice_raises():

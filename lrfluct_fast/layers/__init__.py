@@ -1,7 +1,8 @@
 """Layer kinds: where a module's neurons are. One table, one small file per family of kinds.
 
 A LayerKind says, for a module type:
-  rows     module -> (function viewing the module's output, or dL/dz, as [R, N]: neurons last)
+  rows     module -> (function viewing the module's output, or dL/dz, as [R, N]: neurons last);
+           None for a parameter observed alone (parameter_kind)
   weight   (attribute, neuron axis) of the parameter whose slices along that axis are the
            neurons' incoming weights; None when the kind has none
   bias     (attribute, neuron axis) of the per-neuron bias (an attribute may be None: bias=False)
@@ -51,7 +52,7 @@ def channels(spatial: Callable[[nn.Module], int]):
 
 @dataclass(frozen=True)
 class LayerKind:
-    rows: Callable[[nn.Module], RowsFn]
+    rows: Optional[Callable[[nn.Module], RowsFn]]
     weight: Optional[tuple[str, int]] = ("weight", 0)
     bias: Optional[tuple[str, int]] = ("bias", 0)
     weight_rows: Optional[Callable[[nn.Module, torch.Tensor], torch.Tensor]] = None
@@ -131,6 +132,13 @@ def _dim_rows(dim: int):
     return rows_for
 
 
+def parameter_kind(name: str) -> LayerKind:
+    """A parameter of a module no kind serves (a ViT's position embeddings, a user's own
+    gain): its temporal statistics alone, neurons along its last dim (features, as in the
+    layers it feeds). No output is observed."""
+    return LayerKind(rows=None, weight=(name, -1), bias=None)
+
+
 def parameter_value(module: nn.Module, attr: str):
     """module.<attr> (dotted: "out_proj.weight") as the forward sees it, or None. A
     parametrized tensor is computed with its parametrizations in eval mode: reading it must not
@@ -157,4 +165,4 @@ def unregister_layer(cls: type | str) -> None:
 from . import conv, embedding, linear, norm  # noqa: E402,F401  the built-in kinds register here
 
 __all__ = ["KINDS", "NAMED_KINDS", "LayerKind", "channels", "features_last", "kind_of", "matrix",
-           "parameter_value", "register_layer", "unregister_layer"]
+           "parameter_kind", "parameter_value", "register_layer", "unregister_layer"]

@@ -75,7 +75,7 @@ class LayerState:
                  grad_scale: GradScale | None = None):
         self.name = name
         self.kind = kind
-        self.rows = kind.rows(module)
+        self.rows = kind.rows(module) if kind.rows is not None else None
         self.params = {role: spec[0] for role, spec in (("weight", kind.weight), ("bias", kind.bias))
                        if spec is not None and parameter_value(module, spec[0]) is not None}
         if "weight" not in self.params:
@@ -92,6 +92,8 @@ class LayerState:
         self.device = weight.device
         self.grad_scale = grad_scale
         n, dev = self.neurons, weight.device
+        if self.rows is None:  # a parameter alone: nothing flows through it to observe
+            activations = gradients = False
         self.track = {"activation": activations, "gradient": gradients,
                       "weight": weights, "bias": biases and bias is not None}
         if bias is not None and bias.numel() != self.neurons:
