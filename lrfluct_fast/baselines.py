@@ -51,13 +51,28 @@ def _parameter(module: nn.Module, role: str):
     return None if spec is None else parameter_value(module, spec[0])
 
 
+def _hookable(model: nn.Module, name: str, m: nn.Module) -> bool:
+    """A module whose neurons a forward hook sees: a layer kind observing its output, not
+    inside one whose neurons are inside its forward (an attention's projections)."""
+    kind = kind_of(m)
+    if kind is None or kind.rows is None or kind.around is not None:
+        return False
+    if kind.check is not None and kind.check(m) is not None:
+        return False
+    parts = name.split(".")
+    for i in range(1, len(parts)):
+        outer = kind_of(model.get_submodule(".".join(parts[:i])))
+        if outer is not None and outer.around is not None:
+            return False
+    return True
+
+
 class _HookMonitor:
     """Hooks, counting rules and summary assembly shared by both baselines."""
 
     def __init__(self, model: nn.Module, dead_threshold: float = 0.01):
         self.dead_threshold = dead_threshold
-        self._modules = {name: m for name, m in model.named_modules() if kind_of(m) is not None
-                         and (kind_of(m).check is None or kind_of(m).check(m) is None)}
+        self._modules = {name: m for name, m in model.named_modules() if _hookable(model, name, m)}
         self.layers = list(self._modules)
         self._removed = False
         self._handles = [m.register_forward_hook(self._forward_hook(name))

@@ -10,6 +10,9 @@ A LayerKind says, for a module type:
            in a row (default: the weight axis moved first); for layouts an axis cannot say
   output   result of the module's forward -> the tensor observed (default: the result)
   rebuild  (result, observed tensor) -> the result handed on (default: the observed tensor)
+  around   (module, LayerState) -> a context manager the module's forward runs in, for kinds
+           whose neurons are inside the forward (MultiheadAttention's projections); it
+           passes them through LayerState.observe_tensor. The result is then not observed.
   check    module -> why this module cannot be served, or None
 A module is served by the entry of the first class of its MRO in the table, so subclasses
 work; `name`-keyed entries ("package.module.Class") match classes of packages that need not
@@ -58,6 +61,7 @@ class LayerKind:
     weight_rows: Optional[Callable[[nn.Module, torch.Tensor], torch.Tensor]] = None
     output: Optional[Callable] = None
     rebuild: Optional[Callable] = None
+    around: Optional[Callable] = None
     check: Optional[Callable[[nn.Module], Optional[str]]] = None
 
     def neuron_rows_of_weight(self, module: nn.Module, w: torch.Tensor) -> torch.Tensor:
@@ -162,7 +166,7 @@ def unregister_layer(cls: type | str) -> None:
     (KINDS if isinstance(cls, type) else NAMED_KINDS).pop(cls if isinstance(cls, type) else str(cls))
 
 
-from . import conv, embedding, linear, norm  # noqa: E402,F401  the built-in kinds register here
+from . import attention, conv, embedding, linear, norm  # noqa: E402,F401  the built-in kinds register here
 
 __all__ = ["KINDS", "NAMED_KINDS", "LayerKind", "channels", "features_last", "kind_of", "matrix",
            "parameter_kind", "parameter_value", "register_layer", "unregister_layer"]

@@ -119,35 +119,59 @@ class LayerState:
         self.unobserved = None  # why the last forward was not observed (for the no-data warning)
 
     # -- forward / backward -----------------------------------------------------------------
-    def observe(self, module: torch.nn.Module, z: torch.Tensor) -> torch.Tensor:
-        """The layer's output, passed through Observe when this forward is a training
-        observation; as it is otherwise."""
+    def observe(self, module: nn.Module, result):
+        """The module's forward result, its observed tensor passed through Observe when this
+        forward is a training observation; as it is otherwise."""
+        if self.why_unobserved(module) is not None:
+            return result
+        kind = self.kind
+        observed = self.observe_tensor(kind.output(result) if kind.output else result)
+        return kind.rebuild(result, observed) if kind.rebuild else observed
+
+    def observe_tensor(self, z: torch.Tensor, columns: tuple[int, int] | None = None) -> torch.Tensor:
+        """z through Observe: all of the layer's neurons, or the block `columns` = (start,
+        stop) of them (an attention's query projection apart from its key/value one)."""
         from .observe import Observe  # observe.py needs nothing of this module at import
-        reason = self._unobserved_reason(module)
-        if reason is not None:
-            if reason:
-                self.unobserved = reason
-            return z
         if not isinstance(z, torch.Tensor) or not z.is_floating_point():
             raise TypeError(f"layer {self.name!r}: its output must be a floating-point tensor, "
                             f"got {getattr(z, 'dtype', type(z).__name__)}")
         self.check_placement("its output", z)
-        pending = ops.batch_stats(self._rows(z)) if self.track["activation"] else (None, None)
+        pending = self._stats(z, columns) if self.track["activation"] else (None, None)
         if not z.requires_grad:
             # no backward will reach this forward (a frozen layer fed by frozen layers): count
             # its activations now
             self.merge("activation", pending)
             self.unobserved = "its output needs no gradient (frozen parameters and input)"
             return z
-        return Observe.apply(z, *pending, self)
+        return Observe.apply(z, *pending, self, columns)
 
-    def _rows(self, t: torch.Tensor) -> torch.Tensor:
-        """t (z or dL/dz) as [R, N]; refuses an output whose neurons do not match the weight's."""
+    def why_unobserved(self, module: nn.Module) -> str | None:
+        """None when this forward of `module` is a training observation, else why not ("" when
+        by the user's choice); remembered for the no-data warning."""
+        reason = self._unobserved_reason(module)
+        if reason:
+            self.unobserved = reason
+        return reason
+
+    def _stats(self, t: torch.Tensor, columns):
+        counts, moments = ops.batch_stats(self._rows(t, columns))
+        if columns is None:
+            return counts, moments
+        start, stop = columns  # the other neurons get count 0: a merge leaves them as they are
+        full = counts.new_zeros(3, self.neurons), moments.new_zeros(3, self.neurons)
+        full[0][:, start:stop] = counts
+        full[1][:, start:stop] = moments
+        return full
+
+    def _rows(self, t: torch.Tensor, columns=None) -> torch.Tensor:
+        """t (z or dL/dz) as [R, N] (N: the neurons in `columns`); refuses an output whose
+        neurons do not match the weight's."""
         rows = self.rows(t.detach())
-        if rows.dim() != 2 or rows.shape[1] != self.neurons:
+        width = self.neurons if columns is None else columns[1] - columns[0]
+        if rows.dim() != 2 or rows.shape[1] != width:
             raise ValueError(
                 f"layer {self.name!r} ({self._module_type.__name__}): its output {list(t.shape)} "
-                f"viewed by its layer kind gives {list(rows.shape)}, not [rows, {self.neurons}] "
+                f"viewed by its layer kind gives {list(rows.shape)}, not [rows, {width}] "
                 f"for its {self.neurons} neurons; the kind registered for it does not fit this "
                 f"module (lf.register_layer)")
         return rows
@@ -170,14 +194,14 @@ class LayerState:
             return "it ran inside a torch.func transform or forward-mode AD"
         return None
 
-    def observe_backward(self, pending, grad_z: torch.Tensor) -> None:
+    def observe_backward(self, pending, grad_z: torch.Tensor, columns=None) -> None:
         """One backward through an observed forward: merge its activation stats and dL/dz's."""
         if self.paused:
             return
         if pending[0] is not None:
             self.merge("activation", pending)
         if self.track["gradient"]:
-            stats = ops.batch_stats(self._rows(grad_z))
+            stats = self._stats(grad_z, columns)
             if self.staged is None:
                 self.merge("gradient", stats)
             else:

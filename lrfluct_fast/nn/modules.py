@@ -23,7 +23,14 @@ class Observed:
     """Mixin of every wrapper class: the module's own forward, its output observed."""
 
     def forward(self, *args, **kwargs):
-        return self._lrfluct.observe(self, super().forward(*args, **kwargs))
+        state = self._lrfluct
+        around = state.kind.around
+        if around is None:
+            return state.observe(self, super().forward(*args, **kwargs))
+        if state.why_unobserved(self) is not None:
+            return super().forward(*args, **kwargs)
+        with around(self, state):  # a kind whose neurons are inside the forward (attention)
+            return super().forward(*args, **kwargs)
 
     def __deepcopy__(self, memo):
         cls = plain_class(type(self))

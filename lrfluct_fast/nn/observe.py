@@ -23,16 +23,17 @@ import torch
 
 class Observe(torch.autograd.Function):
     @staticmethod
-    def forward(z, counts, moments, state):
+    def forward(z, counts, moments, state, columns):
         return z.detach()
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        _, counts, moments, state = inputs
+        _, counts, moments, state, columns = inputs
         ctx.pending = (counts, moments)  # None, None when activations are not tracked
         ctx.state = state
+        ctx.columns = columns            # the block of the layer's neurons z holds, or None
 
     @staticmethod
     def backward(ctx, grad_z):
-        ctx.state.observe_backward(ctx.pending, grad_z)
-        return grad_z, None, None, None
+        ctx.state.observe_backward(ctx.pending, grad_z, ctx.columns)
+        return grad_z, None, None, None, None
