@@ -90,7 +90,7 @@ class Monitor:
             values, states = [], []
             for name, m in self.layers.items():
                 st = self.states[name]
-                if st.track["weight"]:
+                if st.track["weight"] and st.weight_shared_with is None:
                     weight = parameter_value(m, st.params["weight"])
                     st.check_placement("its weight", weight, st.weight_shape)
                     values.append(st.weight_observation(weight))
@@ -179,7 +179,8 @@ class Monitor:
 
     def memory_bytes(self) -> int:
         """Bytes of statistics state the monitor holds (flat over steps)."""
-        return sum(t.numel() * t.element_size() for _, st in self._states() for t in st.buffers.values())
+        unique = {id(t): t for _, st in self._states() for t in st.buffers.values()}  # tied: once
+        return sum(t.numel() * t.element_size() for t in unique.values())
 
     # -- run directory --------------------------------------------------------------------
     def flush(self) -> None:
@@ -353,6 +354,12 @@ def instrument(model: nn.Module, **options) -> Monitor:
     if not states:
         raise ValueError(f"nothing to monitor in {type(model).__name__}: no module of a "
                          f"registered layer kind (skipped: {skipped or 'none'})")
+    owners: dict[int, LayerState] = {}
+    for st in states.values():  # a tied weight (GPT-2's wte and lm_head) is recorded once
+        if st.track["weight"] and opts["weight_mode"] == "element":
+            owner = owners.setdefault(st.weight_id, st)
+            if owner is not st:
+                st.share_weight_state(owner)
     for name, m in layers.items():  # every state is built: only now is the model touched
         if m in wrapped and not hasattr(m, "_lrfluct"):
             wrap(m, states[name])

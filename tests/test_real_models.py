@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -180,3 +181,26 @@ def test_gpt2_model_without_head_is_monitored():
     s = mon.summary()
     assert s["h.0.attn.c_attn"]["weight.temporal_var"].shape == (16, 48)   # Conv1D: [in, out]
     assert s["h.0.attn.c_attn"]["weight.spread"].shape == (48,)
+
+
+@needs_transformers
+def test_tied_weights_are_recorded_once():
+    build, loss_fn = MODELS["gpt2"]
+    torch.manual_seed(0)
+    model = build().train()
+    assert model.lm_head.weight is model.transformer.wte.weight
+    mon = lf.instrument(model)
+    separate = lf.instrument(copy.deepcopy(model).train(), weights=False).memory_bytes()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for step in range(2):
+        opt.zero_grad()
+        loss_fn(model, step).backward()
+        opt.step()
+        mon.step()
+    s = mon.summary()
+    wte, head = s["transformer.wte"], s["lm_head"]
+    # 16 bytes of per-element state (3 float32 + 1 int32) per parameter, the tied one once
+    assert mon.memory_bytes() < sum(16 * p.numel() for p in model.parameters()) + separate + 1024
+    np.testing.assert_array_equal(wte["weight.temporal_var"], head["weight.temporal_var"])
+    assert wte["weight.spread"].shape == (16,) and head["weight.spread"].shape == (VOCAB,)
+    assert int(wte["steps"]) == 2 and np.isfinite(head["weight.spread"]).all()

@@ -27,8 +27,10 @@ SCALING = {  # MLP shapes for the scaling study: (width, depth, batch)
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", nargs="+", default=["mlp", "autoencoder"],
-                   help="mlp, gpt, autoencoder or package.module:factory (a function "
-                        "factory(device) -> (model, optimizer, batch[, loss_fn])); default: mlp autoencoder")
+                   help="mlp, gpt, autoencoder, hf:NAME (a transformers architecture from its "
+                        "config: hf:gpt2, hf:llama, hf:bert, hf:t5, hf:vit) or package.module:factory "
+                        "(a function factory(device) -> (model, optimizer, batch[, loss_fn])); "
+                        "default: mlp autoencoder")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument("--steps", type=int, default=10, help="timed steps per mode (default 10)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per mode first (default 2)")

@@ -5,6 +5,8 @@
                sequence 256, batch 8, vocabulary 1024, next-token cross-entropy
   autoencoder  the paper experiment's MLP autoencoder on 32x32 eight-shape images, batch 64
   gpt2-medium  24 layers, d_model 1024, sequence 1024, batch 8, bf16 autocast (for a GPU)
+  hf:NAME      a transformers architecture built from its config (nothing downloaded), sized
+               for a CPU run: HF_PRESETS below (gpt2, llama, bert, t5, vit)
 
 A user's model plugs in as "package.module:factory", a function factory(device) returning
 (model, optimizer, batch) or (model, optimizer, batch, loss_fn); batch is a tensor or a tuple
@@ -112,6 +114,41 @@ def autoencoder(device, image_size=32, batch=64) -> Workload:
     return Workload(model, torch.optim.Adam(model.parameters(), 1e-3), (images, images), mse_loss)
 
 
+# name -> (config class, model class, config overrides, batch, sequence); the blocks are the real
+# architecture's, the depth is cut so that a step takes about a second on 2 CPU cores
+HF_PRESETS = {
+    "gpt2": ("GPT2Config", "GPT2LMHeadModel", dict(n_layer=4), 2, 64),
+    "llama": ("LlamaConfig", "LlamaForCausalLM",
+              dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=4,
+                   num_attention_heads=8, num_key_value_heads=4, vocab_size=32000), 2, 64),
+    "bert": ("BertConfig", "BertForMaskedLM", dict(num_hidden_layers=4), 2, 64),
+    "t5": ("T5Config", "T5ForConditionalGeneration", dict(num_layers=2, num_decoder_layers=2), 2, 64),
+    "vit": ("ViTConfig", "ViTForImageClassification", dict(num_hidden_layers=4, num_labels=10), 4, 0),
+}
+
+
+def hf(name: str, device) -> Workload:
+    """transformers' NAME (HF_PRESETS) from its config, in train mode, with AdamW."""
+    try:
+        import transformers
+    except ImportError:
+        raise FactoryError(f"hf:{name} needs transformers (pip install transformers)") from None
+    if name not in HF_PRESETS:
+        raise FactoryError(f"unknown model hf:{name}: use one of hf:{', hf:'.join(HF_PRESETS)}")
+    config_cls, model_cls, overrides, batch, seq = HF_PRESETS[name]
+    config = getattr(transformers, config_cls)(**overrides)
+    model = getattr(transformers, model_cls)(config).to(device).train()
+    opt = torch.optim.AdamW(model.parameters(), 1e-4)
+    g = torch.Generator().manual_seed(0)
+    if name == "vit":
+        size = config.image_size
+        data = (torch.randn(batch, 3, size, size, generator=g).to(device),
+                torch.randint(0, config.num_labels, (batch,), generator=g).to(device))
+        return Workload(model, opt, data, lambda m, b: m(pixel_values=b[0], labels=b[1]).loss)
+    ids = torch.randint(0, config.vocab_size, (batch, seq), generator=g).to(device)
+    return Workload(model, opt, (ids,), lambda m, b: m(input_ids=b[0], labels=b[0]).loss)
+
+
 BUILTIN = {"mlp": mlp, "gpt": gpt, "autoencoder": autoencoder, "gpt2-medium": gpt2_medium}
 
 
@@ -119,6 +156,11 @@ def resolve(spec: str):
     """The factory named by a built-in name or "module:factory"; FactoryError if there is none."""
     if spec in BUILTIN:
         return BUILTIN[spec]
+    if spec.startswith("hf:"):
+        name = spec[3:]
+        if name not in HF_PRESETS:
+            raise FactoryError(f"unknown model {spec!r}: use one of hf:{', hf:'.join(HF_PRESETS)}")
+        return partial(hf, name)
     if ":" not in spec:
         raise FactoryError(f"unknown model {spec!r}: use one of {sorted(BUILTIN)} or module:factory")
     module_name, _, attr = spec.partition(":")

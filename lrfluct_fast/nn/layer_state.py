@@ -109,6 +109,8 @@ class LayerState:
         if grad_scale is not None and gradients:
             self.staged = (torch.zeros(3, n, dtype=torch.int64, device=dev),
                            torch.zeros(3, n, dtype=self.dtype, device=dev))
+        self.weight_id = id(weight)
+        self.weight_shared_with: str | None = None  # the layer that records a tied weight
         if self.track["weight"]:
             self._add_temporal("weight", self.weight_observation(weight))
         if self.track["bias"]:
@@ -252,6 +254,13 @@ class LayerState:
     def _add_temporal(self, kind: str, observed: torch.Tensor) -> None:
         for part, t in zip(TEMPORAL_PARTS, ops.new_state(observed, self.dtype)):
             self.buffers[f"{kind}.{part}"] = t
+
+    def share_weight_state(self, owner: "LayerState") -> None:
+        """Record a tied weight once: this layer reads `owner`'s per-element temporal state of
+        the same parameter (Monitor.step updates it through the owner only)."""
+        for part in TEMPORAL_PARTS:
+            self.buffers[f"weight.{part}"] = owner.buffers[f"weight.{part}"]
+        self.weight_shared_with = owner.name
 
     def temporal_state(self, kind: str) -> list[torch.Tensor]:
         """The (tally, skipped, moments) buffers of "weight" or "bias"."""
