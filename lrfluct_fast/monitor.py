@@ -1,7 +1,7 @@
 """instrument() and Monitor: wrap a model's layers, step the weight statistics, read results.
 
 The Monitor owns the set of wrapped layers and their LayerStates, the step count and the
-options. It touches a model only by swapping supported modules' classes (instrument) and
+options. It touches a model only by swapping served modules' classes (instrument) and
 back (remove); it never changes parameters, gradients or the optimizer. The training-step
 path (forward, backward, step()) never synchronises with the host: summaries copy to the
 host only when asked for.
@@ -298,11 +298,13 @@ def _backend_name(layers) -> str:
 
 
 def instrument(model: nn.Module, **options) -> Monitor:
-    """Wrap every nn.Linear / nn.Conv1d / nn.Conv2d / nn.Conv3d (and subclasses) of `model`
-    in place; returns the Monitor.
+    """Wrap every module of `model` that a layer kind serves (lrfluct_fast.layers: Linear,
+    ConvNd, ConvTransposeNd, MultiheadAttention, Embedding, norms, transformers' Conv1D and
+    RMS norms, and what lf.register_layer added) in place; returns the Monitor.
 
-    Modules of other types are left as they are and listed in `monitor.skipped` as
-    (name, reason). A module reachable under two names is wrapped once, under its first name.
+    The own parameters of other modules are tracked alone (temporal statistics, neurons along
+    their last dim); what cannot be served is listed in `monitor.skipped` as (name, reason).
+    A module reachable under two names is wrapped once, under its first name.
     Instrument after moving the model to its device and dtype: a layer that later computes
     on another device or in another precision raises at its next forward or step().
     """

@@ -59,6 +59,7 @@ def test_lrfluct_variants_split_the_cost(tmp_path):
     (["--model", "factories:missing"], "cannot load factory"),
     (["--model", "factories:not_callable"], "is not callable"),
     (["--model", "resnet"], "unknown model"),
+    (["--model", "hf:resnet"], "unknown model 'hf:resnet': use one of hf:gpt2"),
     (["--model", "factories:wrong"], "must return (model, optimizer, batch"),
     (["--device", "cuda:7"], "CUDA is not available"),
     (["--steps", "0"], "--steps must be >= 1"),
@@ -75,6 +76,16 @@ def test_bad_arguments_exit_2(tmp_path, capsys, argv, message):
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2
     assert len(err) == 1 and message in err[0], err
+
+
+def test_transformers_architecture_from_its_config(tmp_path):
+    pytest.importorskip("transformers")
+    out = tmp_path / "bench"
+    rc = cli.main(["bench", "--model", "hf:gpt2", "--steps", "1", "--warmup", "0",
+                   "--modes", "lrfluct", "--out", str(out)])
+    assert rc == 0
+    report = (out / "bench.md").read_text()
+    assert "## hf:gpt2" in report and "| lrfluct |" in report and "(agree)" in report
 
 
 def test_unwritable_out_exits_2(tmp_path, capsys):

@@ -40,6 +40,13 @@ class SubLinear(nn.Linear):
 
 
 LAYERS = {  # name: (module factory, input factory)  odd sizes on purpose
+    "linear": (lambda: nn.Linear(7, 5), lambda g: torch.randn(4, 7, generator=g)),
+    "linear_nobias_3d": (lambda: nn.Linear(7, 5, bias=False), lambda g: torch.randn(2, 3, 7, generator=g)),
+    "linear_1d": (lambda: nn.Linear(7, 5), lambda g: torch.randn(7, generator=g)),
+    "conv2d_groups": (lambda: nn.Conv2d(4, 6, 3, stride=2, padding=1, groups=2),
+                      lambda g: torch.randn(3, 4, 7, 6, generator=g)),
+    "conv2d_nobias_dilated": (lambda: nn.Conv2d(3, 5, (3, 2), dilation=(2, 1), bias=False),
+                              lambda g: torch.randn(2, 3, 8, 5, generator=g)),
     "conv3d_same_circular": (lambda: nn.Conv3d(2, 5, 3, padding="same", padding_mode="circular"),
                              lambda g: torch.randn(3, 2, 4, 5, 3, generator=g)),
     "conv2d_reflect_strided": (lambda: nn.Conv2d(3, 7, (3, 2), stride=2, padding=1, padding_mode="reflect"),
@@ -95,6 +102,29 @@ def test_kind_equals_plain_and_float64_snapshot(case):
     got, want = mon.summary(), ref.summary()
     assert (got[""]["activation.count"] > 0).all()
     assert_summaries_close(got, want)
+
+
+@pytest.mark.parametrize("case", ["linear", "conv2d_groups", "conv1d_unbatched"])
+def test_nonfinite_upstream_gradient_gives_torchs_grads_and_is_counted(case):
+    make, inputs = LAYERS[case]
+    torch.manual_seed(14)
+    plain = make()
+    wrapped = copy.deepcopy(plain)
+    mon = lf.instrument(wrapped)
+    x = inputs(torch.Generator().manual_seed(3))
+    g = torch.randn_like(plain(x))
+    j = 2                                     # one value of neuron j's dL/dz is nan
+    index = [0] * g.dim()
+    index[-1 if case == "linear" else (0 if g.dim() == 2 else 1)] = j
+    g[tuple(index)] = float("nan")
+    plain(x).backward(g)
+    wrapped(x).backward(g)
+    for p, q in zip(plain.parameters(), wrapped.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=0, atol=0, equal_nan=True)
+    assert torch.isnan(wrapped.bias.grad[j])
+    s = mon.summary()[""]
+    assert s["gradient.nonfinite"][j] == 1 and s["gradient.nonfinite"].sum() == 1
+    assert np.isfinite(s["gradient.mean"]).all()
 
 
 def test_transposed_conv_groups_weight_spread_takes_each_channels_slice():

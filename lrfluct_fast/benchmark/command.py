@@ -136,6 +136,7 @@ def _scaling(args, modes, raw):
             lines.append("")
     finally:
         bar.close()
+    lines += _real_architecture_row(args, modes, raw)
     curves = {}
     for mode in modes:
         if mode in ("none", "backpack"):
@@ -155,6 +156,24 @@ def _scaling(args, modes, raw):
     raw["memory_curves"] = curves
     print("\n".join(lines))
     return study, curves, lines
+
+
+def _real_architecture_row(args, modes, raw) -> list[str]:
+    """The scaling study's real-architecture row: transformers' GPT-2 blocks (hf:gpt2)."""
+    try:
+        make = models.resolve("hf:gpt2")
+        make(args.device)
+    except models.FactoryError as e:
+        return ["### a real architecture", "", f"skipped: {e}", ""]
+    res = runner.run(make, args.device, modes, args.steps, args.warmup)
+    over = runner.overheads(res)
+    raw["scaling_real"] = {"model": "hf:gpt2", **{m: over[m] for m in modes}}
+    _, _, cfg, batch, seq = models.HF_PRESETS["gpt2"]
+    return ["### a real architecture", "",
+            "| model | " + " | ".join(m for m in modes if m != "none") + " |",
+            "|---|" + "---|" * (len(modes) - 1),
+            f"| hf:gpt2 ({cfg['n_layer']} GPT-2 blocks, d 768), {batch} x {seq} tokens | " +
+            " | ".join(f"{over[m]:+.1%}" for m in modes if m != "none") + " |", ""]
 
 
 def _charts(all_results, study, curves, out):
