@@ -22,16 +22,15 @@ import torch
 
 
 class Observe(torch.autograd.Function):
+    # forward(ctx, ...) rather than a separate setup_context: with setup_context, torch binds
+    # apply's arguments through inspect.signature on every call (72 us of a 120 us layer cost
+    # on CPU). torch.func needs setup_context, but nothing is observed inside its transforms.
     @staticmethod
-    def forward(z, counts, moments, state, columns):
-        return z.detach()
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        _, counts, moments, state, columns = inputs
+    def forward(ctx, z, counts, moments, state, columns):
         ctx.pending = (counts, moments)  # None, None when activations are not tracked
         ctx.state = state
         ctx.columns = columns            # the block of the layer's neurons z holds, or None
+        return z.detach()
 
     @staticmethod
     def backward(ctx, grad_z):

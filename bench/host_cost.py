@@ -1,0 +1,102 @@
+"""Host cost of monitoring, per layer and per parameter tensor, on tiny tensors (no data cost).
+
+    python bench/host_cost.py
+
+- fixed cost per layer: 8 x Linear(16, 16) at batch 4, one thread; the instrumented training
+  step's time minus the plain twin's, over 8 layers (forward + backward + its share of
+  Monitor.step), medians of interleaved repeats;
+- Monitor.step per parameter tensor: GPT-2-medium's parameter list (24 blocks: 2 LayerNorms,
+  qkv, proj, fc1, fc2 with biases; embeddings, final LayerNorm, head) at width 8, so the
+  update itself moves next to nothing.
+Prints a markdown table; every number is measured in this run.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+from torch import nn
+
+import lrfluct_fast as lf
+
+
+def _step_time(model, mon, x, steps):
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        model(x).square().mean().backward()
+        opt.step()
+        if mon is not None:
+            mon.step()
+    for _ in range(steps // 10):
+        step()
+    t = time.perf_counter()
+    for _ in range(steps):
+        step()
+    return (time.perf_counter() - t) / steps
+
+
+def fixed_cost_per_layer(layers=8, repeats=7, steps=1000):
+    def make():
+        torch.manual_seed(0)
+        return nn.Sequential(*[nn.Linear(16, 16) for _ in range(layers)])
+    x = torch.randn(4, 16)
+    plain, wrapped = make(), make()
+    mon = lf.instrument(wrapped)
+    times = {"plain": [], "instrumented": []}
+    for _ in range(repeats):
+        times["plain"].append(_step_time(plain, None, x, steps))
+        times["instrumented"].append(_step_time(wrapped, mon, x, steps))
+    p, i = (statistics.median(times[k]) for k in ("plain", "instrumented"))
+    return p, i, (i - p) / layers
+
+
+class _Block(nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
+        self.fc1, self.fc2 = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
+
+
+def gpt2_medium_like(d=8, blocks=24):
+    model = nn.Module()
+    model.tok, model.pos = nn.Embedding(64, d), nn.Embedding(32, d)
+    model.blocks = nn.ModuleList(_Block(d) for _ in range(blocks))
+    model.ln, model.head = nn.LayerNorm(d), nn.Linear(d, 64, bias=False)
+    return model
+
+
+def step_cost_per_tensor(repeats=7, calls=200):
+    model = gpt2_medium_like()
+    mon = lf.instrument(model)
+    tensors = sum(1 for _ in model.parameters())
+    times = []
+    for _ in range(repeats):
+        for _ in range(calls // 10):
+            mon.step()
+        t = time.perf_counter()
+        for _ in range(calls):
+            mon.step()
+        times.append((time.perf_counter() - t) / calls)
+    return statistics.median(times), tensors
+
+
+def main() -> None:
+    torch.set_num_threads(1)
+    p, i, per_layer = fixed_cost_per_layer()
+    step, tensors = step_cost_per_tensor()
+    print(f"backend {lf.backend('cpu')}, torch {torch.__version__}, one thread\n")
+    print("| quantity | value |")
+    print("|---|---|")
+    print(f"| 8 x Linear(16, 16), batch 4: plain step | {p * 1e6:.1f} us |")
+    print(f"| same, instrumented | {i * 1e6:.1f} us |")
+    print(f"| fixed cost per monitored layer per step | {per_layer * 1e6:.1f} us |")
+    print(f"| Monitor.step, GPT-2-medium's {tensors} parameter tensors at width 8 | {step * 1e6:.0f} us |")
+    print(f"| Monitor.step per parameter tensor | {step / tensors * 1e6:.2f} us |")
+
+
+if __name__ == "__main__":
+    main()
