@@ -1,6 +1,7 @@
 // Shared by the CPU kernels: argument checks with messages that name the argument, and the
 // element loads used by every kernel. Schemas are declared in Python (lrfluct_fast/ops).
 #pragma once
+#include <algorithm>
 #include <torch/library.h>
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -24,16 +25,24 @@ inline void check_float_input(const char* name, const at::Tensor& x) {
   TORCH_CHECK_VALUE(x.device().is_cpu(), name, " must be on cpu, got ", x.device());
 }
 
+inline bool state_ok(const at::Tensor& t, at::IntArrayRef shape,
+                     std::initializer_list<at::ScalarType> dtypes, const at::Device& device) {
+  if (t.sizes() != shape || t.device() != device || !t.is_contiguous()) return false;
+  for (auto d : dtypes)
+    if (t.scalar_type() == d) return true;
+  return false;
+}
+
+// The messages are built only for a bad argument: a call with hundreds of tensors (a model's
+// parameter list) checks each in a few comparisons.
 inline void check_state(const std::string& name, const at::Tensor& t, at::IntArrayRef shape,
                         std::initializer_list<at::ScalarType> dtypes, const at::Device& device) {
+  if (state_ok(t, shape, dtypes, device)) return;
   TORCH_CHECK_VALUE(t.sizes() == shape, name, " must have shape ", shape, ", got ", t.sizes());
-  bool ok = false;
   std::string allowed;
-  for (auto d : dtypes) {
-    ok = ok || t.scalar_type() == d;
-    allowed += (allowed.empty() ? "" : " or ") + std::string(c10::toString(d));
-  }
-  TORCH_CHECK_VALUE(ok, name, " must have dtype ", allowed, ", got ", t.scalar_type());
+  for (auto d : dtypes) allowed += (allowed.empty() ? "" : " or ") + std::string(c10::toString(d));
+  TORCH_CHECK_VALUE(std::find(dtypes.begin(), dtypes.end(), t.scalar_type()) != dtypes.end(),
+                    name, " must have dtype ", allowed, ", got ", t.scalar_type());
   TORCH_CHECK_VALUE(t.device() == device, name, " must be on ", device, ", got ", t.device());
   TORCH_CHECK_VALUE(t.is_contiguous(), name, " must be contiguous (it is updated in place)");
 }

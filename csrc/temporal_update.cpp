@@ -73,14 +73,22 @@ void temporal_update_cpu(at::TensorList values, at::TensorList tallies, at::Tens
   std::vector<at::Tensor> contiguous_values;
   std::vector<std::pair<int64_t, int64_t>> tasks;  // (tensor index, chunk start)
   for (size_t i = 0; i < values.size(); ++i) {
-    const std::string idx = "[" + std::to_string(i) + "]";
-    check_float_input(("values" + idx).c_str(), values[i]);
-    check_state("tallies" + idx, tallies[i], {2}, {at::kLong}, values[i].device());
-    check_state("skipped" + idx, skipped[i], values[i].sizes(), {at::kInt}, values[i].device());
-    std::vector<int64_t> mshape{3};
-    mshape.insert(mshape.end(), values[i].sizes().begin(), values[i].sizes().end());
-    check_state("moments" + idx, moments[i], mshape, {at::kFloat, at::kDouble}, values[i].device());
-    contiguous_values.push_back(values[i].contiguous());
+    const at::Tensor &v = values[i], &m = moments[i];
+    const bool ok = is_float_input(v.scalar_type()) && v.device().is_cpu() &&
+        state_ok(tallies[i], {2}, {at::kLong}, v.device()) &&
+        state_ok(skipped[i], v.sizes(), {at::kInt}, v.device()) &&
+        m.dim() == v.dim() + 1 && m.size(0) == 3 && m.sizes().slice(1) == v.sizes() &&
+        state_ok(m, m.sizes(), {at::kFloat, at::kDouble}, v.device());
+    if (!ok) {  // the same checks again, to say which argument is wrong and how
+      const std::string idx = "[" + std::to_string(i) + "]";
+      check_float_input(("values" + idx).c_str(), v);
+      check_state("tallies" + idx, tallies[i], {2}, {at::kLong}, v.device());
+      check_state("skipped" + idx, skipped[i], v.sizes(), {at::kInt}, v.device());
+      std::vector<int64_t> mshape{3};
+      mshape.insert(mshape.end(), v.sizes().begin(), v.sizes().end());
+      check_state("moments" + idx, m, mshape, {at::kFloat, at::kDouble}, v.device());
+    }
+    contiguous_values.push_back(v.contiguous());
     for (int64_t e = 0; e < values[i].numel(); e += kChunk) tasks.emplace_back(i, e);
   }
   std::vector<int64_t> task_skipped(tasks.size(), 0);

@@ -74,6 +74,8 @@ class Monitor:
         self.steps = 0
         self._grad_scale = grad_scale
         self._warned: set[tuple[str, str]] = set()  # (layer, kind) already warned of no data
+        self._plan: _StepPlan | None = None  # what step() records, checked once (see _StepPlan)
+        self._sampling = True
         self._removed = False
         self._run: rundir.RunLog | None = None  # the run directory, with instrument(log_dir=...)
 
@@ -85,31 +87,46 @@ class Monitor:
     def step(self) -> None:
         """Call after optimizer.step(): records weights and biases (one multi-tensor call)."""
         self._check_live()
-        sampled = self.steps % self.options["every"] == 0
-        if sampled:
-            values, states = [], []
-            for name, m in self.layers.items():
-                st = self.states[name]
-                if st.track["weight"] and st.weight_shared_with is None:
-                    weight = parameter_value(m, st.params["weight"])
-                    st.check_placement("its weight", weight, st.weight_shape)
-                    values.append(st.weight_observation(weight))
-                    states.append(st.temporal_state("weight"))
-                if st.track["bias"]:
-                    bias = parameter_value(m, st.params["bias"])
-                    st.check_placement("its bias", bias, st.bias_shape)
-                    values.append(bias.detach())
-                    states.append(st.temporal_state("bias"))
+        if self.steps % self.options["every"] == 0:
+            plan = self._plan if self._plan is not None and self._plan.valid() else self._new_plan()
+            values = plan.values + [_computed_weight(m, st) for m, st in plan.computed]
             if values:
-                ops.temporal_update(values, *zip(*states))
+                ops.temporal_update(values, plan.tallies, plan.skipped, plan.moments)
         self.steps += 1
         if self._grad_scale is not None:
             self._commit_scaled_gradients()
         observe_next = self.steps % self.options["every"] == 0
-        for _, st in self._states():
-            st.sampling = observe_next
+        if observe_next != self._sampling:  # every > 1: flips; every == 1: never, no loop
+            self._sampling = observe_next
+            for _, st in self._states():
+                st.sampling = observe_next
         if self._run is not None:
             self._run.after_step(self)
+
+    def _new_plan(self) -> "_StepPlan":
+        """Check every recorded parameter (placement, shape) and list what step() hands the
+        temporal update; kept while no parameter is replaced, moved or cast."""
+        plan = _StepPlan()
+        for name, m in self.layers.items():
+            st = self.states[name]
+            for role in ("weight", "bias"):
+                if not st.track[role] or (role == "weight" and st.weight_shared_with is not None):
+                    continue
+                value = parameter_value(m, st.params[role])
+                st.check_placement(f"its {role}", value,
+                                   st.weight_shape if role == "weight" else st.bias_shape)
+                direct = isinstance(value, nn.Parameter) and (role == "bias" or st.weight_mode == "element")
+                if direct:  # the parameter itself, read in place: nothing to compute per step
+                    plan.watch(m, st.params[role], value)
+                    plan.values.append(value.detach())
+                else:       # parametrized, or the per-neuron RMS: computed each step
+                    plan.computed.append((m, st))
+                    plan.pending_order.append(len(plan.tallies))
+                for part, t in zip(("tallies", "skipped", "moments"), st.temporal_state(role)):
+                    getattr(plan, part).append(t)
+        plan.reorder()
+        self._plan = plan
+        return plan
 
     def _commit_scaled_gradients(self) -> None:
         """This step's gradient statistics into the running state, unless the scaler skipped it."""
@@ -274,6 +291,45 @@ class Monitor:
     def __repr__(self) -> str:
         return (f"Monitor({len(self.states)} layers, {len(self.skipped)} skipped, "
                 f"steps={self.steps}, backend={_backend_name(self.layers)})")
+
+
+class _StepPlan:
+    """What Monitor.step hands the temporal update: the parameters it reads in place (their
+    detached aliases, made once) and those it computes each step (parametrized weights, the
+    per-neuron RMS), with their states in the same order. It stays valid while every watched
+    attribute still holds the same parameter with the same storage, dtype and device, so a
+    step costs a few attribute reads per tensor; anything else rebuilds it with every check."""
+
+    def __init__(self):
+        self.values: list[torch.Tensor] = []
+        self.computed: list[tuple[nn.Module, LayerState]] = []
+        self.pending_order: list[int] = []  # positions of the computed ones among all states
+        self.tallies, self.skipped, self.moments = [], [], []
+        self._watch: list[tuple[dict, str, nn.Parameter, int, torch.dtype]] = []
+
+    def watch(self, module: nn.Module, attr: str, p: nn.Parameter) -> None:
+        owner_path, _, name = attr.rpartition(".")
+        owner = module.get_submodule(owner_path) if owner_path else module
+        # a move or cast gives the parameter new storage: the pointer and dtype tell it
+        self._watch.append((owner._parameters, name, p, p.data_ptr(), p.dtype))
+
+    def reorder(self) -> None:
+        """States in the order step() builds its values: read-in-place ones, then computed ones."""
+        order = [i for i in range(len(self.tallies)) if i not in set(self.pending_order)]
+        order += self.pending_order
+        for part in ("tallies", "skipped", "moments"):
+            setattr(self, part, [getattr(self, part)[i] for i in order])
+
+    def valid(self) -> bool:
+        return all(params.get(name) is p and p.data_ptr() == ptr and p.dtype == dtype
+                   for params, name, p, ptr, dtype in self._watch)
+
+
+def _computed_weight(module: nn.Module, state: LayerState) -> torch.Tensor:
+    """This step's observation of a weight step() cannot read in place, checked first."""
+    weight = parameter_value(module, state.params["weight"])
+    state.check_placement("its weight", weight, state.weight_shape)
+    return state.weight_observation(weight)
 
 
 def _parameters_of(module: nn.Module, state: LayerState):
