@@ -7,13 +7,21 @@
   Monitor.step), medians of interleaved repeats;
 - Monitor.step per parameter tensor: GPT-2-medium's parameter list (24 blocks: 2 LayerNorms,
   qkv, proj, fc1, fc2 with biases; embeddings, final LayerNorm, head) at width 8, so the
-  update itself moves next to nothing.
+  update itself moves next to nothing;
+- the Triton temporal_update launch path on GPT-2-medium's real parameter shapes (355M
+  elements, CPU tensors), its two kernels stubbed out: the host work a GPU step would pay
+  (argument checks, task tables), without a GPU.
 Prints a markdown table; every number is measured in this run.
 """
 from __future__ import annotations
 
+import importlib
+import os
 import statistics
 import time
+
+if not __import__("torch").cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
 
 import torch
 from torch import nn
@@ -84,6 +92,38 @@ def step_cost_per_tensor(repeats=7, calls=200):
     return statistics.median(times), tensors
 
 
+class _NoLaunch:
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: None
+
+
+def triton_launch_cost(repeats=20):
+    """(first call, later calls) host seconds of ops.temporal_update_triton, kernels stubbed."""
+    tu = importlib.import_module("lrfluct_fast.ops.temporal_update")
+    if tu.triton is None:
+        return None
+    kernels = tu._temporal_update_kernel, tu._count_call_kernel
+    tu._temporal_update_kernel = tu._count_call_kernel = _NoLaunch()
+    try:
+        d, shapes = 1024, [(50257, 1024), (1024, 1024), (1024,), (1024,)]
+        for _ in range(24):
+            shapes += [(d,), (d,), (3 * d, d), (3 * d,), (d, d), (d,), (d,), (d,), (4 * d, d),
+                       (4 * d,), (d, 4 * d), (d,)]
+        values = [torch.empty(s) for s in shapes]
+        tallies, skipped, moments = (list(x) for x in zip(*(tu.new_state(v) for v in values)))
+        t = time.perf_counter()
+        tu.temporal_update_triton(values, tallies, skipped, moments)
+        first = time.perf_counter() - t
+        times = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            tu.temporal_update_triton(values, tallies, skipped, moments)
+            times.append(time.perf_counter() - t)
+        return first, statistics.median(times), len(values)
+    finally:
+        tu._temporal_update_kernel, tu._count_call_kernel = kernels
+
+
 def main() -> None:
     torch.set_num_threads(1)
     p, i, per_layer = fixed_cost_per_layer()
@@ -96,6 +136,14 @@ def main() -> None:
     print(f"| fixed cost per monitored layer per step | {per_layer * 1e6:.1f} us |")
     print(f"| Monitor.step, GPT-2-medium's {tensors} parameter tensors at width 8 | {step * 1e6:.0f} us |")
     print(f"| Monitor.step per parameter tensor | {step / tensors * 1e6:.2f} us |")
+    launch = triton_launch_cost()
+    if launch is None:
+        print("| Triton launch path | skipped: triton not installed |")
+    else:
+        first, later, n = launch
+        print(f"| Triton temporal_update launch path, GPT-2-medium's {n} tensors: first call | "
+              f"{first * 1e3:.1f} ms |")
+        print(f"| same, later calls (per tensor) | {later * 1e6:.0f} us ({later / n * 1e6:.2f} us) |")
 
 
 if __name__ == "__main__":

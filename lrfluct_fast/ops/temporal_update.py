@@ -25,7 +25,8 @@ Triton design: one launch per (value dtype, state dtype) group of the list, usua
 the whole model, then one tiny launch that counts the call in every tally. Each program owns up
 to CHUNK consecutive elements of one tensor, found in an int64 task table [T, 6] (value,
 skipped, moments and tally addresses, numel, first element) that is uploaded once and cached by
-its content, so a training step uploads nothing. Arithmetic in the state's dtype (float32), in
+the tensors' addresses, sizes and dtypes (O(tensors) to look up), so a training step uploads
+nothing and checks nothing twice. Arithmetic in the state's dtype (float32), in
 float64 when the values or the state are float64.
 """
 from __future__ import annotations
@@ -156,55 +157,72 @@ if triton is not None:
         tl.store(tally, tl.load(tally) + 1)
 
 
-_TABLES: OrderedDict = OrderedDict()  # (device, rows) -> int64 table on device
-_TABLES_KEPT = 64
+_LAUNCHES: OrderedDict = OrderedDict()  # launch key -> what to launch (see _launches)
+_LAUNCHES_KEPT = 16
 
 
-def _cached_table(rows: tuple, device: torch.device) -> torch.Tensor:
-    """`rows` (tuples of ints: addresses and sizes) as an int64 tensor on `device`.
-
-    Cached by its own content, so a hit is always the right table.
-    """
-    key = (device, rows)
-    table = _TABLES.get(key)
-    if table is None:
-        table = torch.tensor(rows, dtype=torch.int64).to(device)
-        _TABLES[key] = table
-        if len(_TABLES) > _TABLES_KEPT:
-            _TABLES.popitem(last=False)
-    else:
-        _TABLES.move_to_end(key)
-    return table
+def _launch_key(values, tallies, skipped, moments) -> tuple:
+    """Everything a launch depends on: addresses, sizes, dtypes, and that each value is read
+    in place (contiguous). O(tensors), a few attribute reads each."""
+    return tuple((v.data_ptr(), v.numel(), v.dtype, v.is_contiguous(), t.data_ptr(), s.data_ptr(),
+                  m.data_ptr(), m.dtype) for v, t, s, m in zip(values, tallies, skipped, moments))
 
 
-def temporal_update_triton(values, tallies, skipped, moments) -> None:
-    """Triton kernels (CUDA, or CPU under TRITON_INTERPRET=1): one launch per dtype group,
-    then one that counts the call."""
-    check_args(values, tallies, skipped, moments)
-    device = values[0].device
-    tcfg.require(device)
-    cfg = tcfg.launch_config("temporal_update", device)
+def _launches(values, tallies, skipped, moments, cfg, device):
+    """[(value dtype, state dtype, task table [T, 6] on device, T)] and the tally table.
+
+    Each task is up to CHUNK consecutive elements of one tensor: (value, skipped, moments and
+    tally addresses, numel, first element). Built once per set of tensors (a training run's
+    parameters and states do not move), after the full argument checks; a hit skips both, so
+    a step costs O(tensors) on the host and uploads nothing."""
     groups: dict = {}
-    keep = []  # contiguous copies of strided values live until their launch is queued
     for v, t, s, m in zip(values, tallies, skipped, moments):
-        v = v.contiguous()
-        keep.append(v)
         n = v.numel()
         groups.setdefault((v.dtype, m.dtype), []).extend(
             (v.data_ptr(), s.data_ptr(), m.data_ptr(), t.data_ptr(), n, start)
             for start in range(0, n, cfg["CHUNK"]))
+    plan = [(vd, md, torch.tensor(rows, dtype=torch.int64).to(device), len(rows))
+            for (vd, md), rows in groups.items() if rows]
+    calls = torch.tensor([t.data_ptr() for t in tallies], dtype=torch.int64).to(device)
+    return plan, calls
+
+
+def temporal_update_triton(values, tallies, skipped, moments) -> None:
+    """Triton kernels (CUDA, or CPU under TRITON_INTERPRET=1): one launch per dtype group,
+    then one that counts the call. Strided values are read through contiguous copies (their
+    launch tables are rebuilt every call: keep values contiguous)."""
+    key = None
+    if isinstance(values, (list, tuple)) and len(values) == len(tallies) == len(skipped) == len(moments):
+        try:
+            key = (values[0].device, _launch_key(values, tallies, skipped, moments))
+        except (AttributeError, IndexError, TypeError):
+            key = None  # not tensors: check_args says what is wrong
+    cached = _LAUNCHES.get(key) if key is not None else None
+    keep = None
+    if cached is None:
+        check_args(values, tallies, skipped, moments)
+        device = values[0].device
+        tcfg.require(device)
+        cfg = tcfg.launch_config("temporal_update", device)
+        keep = [v.contiguous() for v in values]  # strided values: copies live until launched
+        cached = (cfg, *_launches(keep, tallies, skipped, moments, cfg, device))
+        if all(v.is_contiguous() for v in values):
+            _LAUNCHES[key] = cached
+            if len(_LAUNCHES) > _LAUNCHES_KEPT:
+                _LAUNCHES.popitem(last=False)
+    else:
+        _LAUNCHES.move_to_end(key)
+    cfg, plan, calls = cached
+    device = values[0].device
     with tcfg.device_guard(device):
-        for (v_dtype, m_dtype), rows in groups.items():
-            if not rows:
-                continue
+        for v_dtype, m_dtype, table, n_tasks in plan:
             wide = torch.float64 in (v_dtype, m_dtype)
-            _temporal_update_kernel[(len(rows),)](
-                _cached_table(tuple(rows), device),
-                VALUE=tcfg.triton_type(v_dtype), STATE=tcfg.triton_type(m_dtype),
+            _temporal_update_kernel[(n_tasks,)](
+                table, VALUE=tcfg.triton_type(v_dtype), STATE=tcfg.triton_type(m_dtype),
                 ACC=tl.float64 if wide else tl.float32,
                 BLOCK=cfg["BLOCK"], CHUNK=cfg["CHUNK"], num_warps=cfg["num_warps"])
-        _count_call_kernel[(len(tallies),)](
-            _cached_table(tuple(t.data_ptr() for t in tallies), device))
+        _count_call_kernel[(len(tallies),)](calls)
+    del keep
 
 
 LIB.define(SCHEMA)
