@@ -94,3 +94,18 @@ def test_unwritable_out_exits_2(tmp_path, capsys):
     rc = cli.main(["bench", "--model", "factories:tiny", "--out", str(blocker / "sub")])
     assert rc == 2
     assert "cannot write to --out" in capsys.readouterr().err
+
+
+def test_gpu_check_script_runs_in_smoke_mode(tmp_path):
+    # the GPU check's stages on CPU at tiny sizes: a GPU session finds it working
+    import subprocess
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = tmp_path / "gpu"
+    done = subprocess.run([sys.executable, os.path.join(root, "bench", "gpu_check.py"), "--smoke",
+                           "--skip-tests", "--out", str(out)], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    summary = (out / "summary.md").read_text()
+    assert "kernels: worst" in summary and "FAILED" not in summary
+    assert "| batch_stats+merge |" in (out / "kernels.md").read_text()
+    assert (out / "bench" / "bench.md").exists()

@@ -1,6 +1,6 @@
 """The monitor on CUDA tensors (Triton kernels) against the float64 hook-snapshot reference.
 
-Skipped without a GPU; bench/gpu_check.sh runs it on one.
+Skipped without a GPU; bench/gpu_check.py runs it on one.
 """
 import copy
 

@@ -1,0 +1,166 @@
+"""The GPU check, in one run that fits a few minutes on a fresh GPU machine.
+
+    python bench/gpu_check.py --out "$OUT"          # on the GPU machine, from the repo root
+    python bench/gpu_check.py --smoke --out /tmp/g  # anywhere: tiny sizes on CPU, no timing goals
+
+Installs and builds nothing (the C++ CPU extension is not needed: CUDA tensors use the Triton
+kernels; without it, CPU tensors use plain torch ops). Everything it writes goes under --out:
+  env.txt        date, device, torch and triton versions, lrfluct info
+  tests.txt      the CUDA tests first (tests/test_cuda.py, the op harness on CUDA copies)
+  kernels.md     each op's GB/s against a copy of the same tensor, timed with CUDA events
+                 (median of 20), at GPT-2-medium's shapes (8 x 1024 tokens: d 1024, qkv 3072,
+                 fc 4096) and the 50257-wide head, bf16; the temporal update over
+                 GPT-2-medium's parameter list. Goal: >= 80% of copy.
+  bench/         `lrfluct bench --model gpt2-medium` in bf16: none, lrfluct, lrfluct without
+                 weights, hook-streaming (no float64 snapshots at that size). Goal: lrfluct
+                 without weights <= +2%.
+  summary.md     the goals, met or not, and where each number came from
+Each stage has its own time limit; a stage that fails or runs out of time is reported and the
+next one still runs.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run(cmd, out_path, timeout):
+    """Run cmd from the repo root, its output to out_path; (return code, seconds)."""
+    t = time.time()
+    with open(out_path, "w") as f:
+        try:
+            rc = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT,
+                                timeout=timeout).returncode
+        except subprocess.TimeoutExpired:
+            f.write(f"\n[stopped after {timeout} s]\n")
+            rc = 124
+    return rc, time.time() - t
+
+
+def _event_time(fn, device, repeats=20):
+    """Median seconds of fn, by CUDA events (wall clock on CPU, for --smoke)."""
+    fn()  # warm-up: Triton compilation, allocation
+    times = []
+    for _ in range(repeats):
+        if device == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            t = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def gpt2_medium_parameter_shapes(d=1024, blocks=24, vocab=50257, positions=1024):
+    shapes = [(vocab, d), (positions, d), (d,), (d,)]
+    for _ in range(blocks):
+        shapes += [(d,), (d,), (3 * d, d), (3 * d,), (d, d), (d,), (d,), (d,), (4 * d, d),
+                   (4 * d,), (d, 4 * d), (d,)]
+    return shapes
+
+
+def kernels(device, smoke):
+    from lrfluct_fast import ops
+    dtype = torch.bfloat16
+    rows = 64 if smoke else 8 * 1024
+    widths = [8, 24, 32, 403] if smoke else [1024, 3072, 4096, 50257]
+    lines = ["| shape | op | ms | GB/s | copy GB/s | of copy |", "|---|---|---|---|---|---|"]
+    worst = 1.0
+    for n in widths:
+        x = torch.randn(rows, n, device=device).to(dtype)
+        dst = torch.empty_like(x)
+        counts = torch.zeros(3, n, dtype=torch.int64, device=device)
+        moments = torch.zeros(3, n, dtype=torch.float32, device=device)
+        t_copy = _event_time(lambda: dst.copy_(x), device)
+        t_op = _event_time(lambda: ops.merge_stats(counts, moments, *ops.batch_stats(x)), device)
+        copy_gbs, op_gbs = 2 * x.nbytes / t_copy / 1e9, x.nbytes / t_op / 1e9  # the op reads x once
+        worst = min(worst, op_gbs / copy_gbs)
+        lines.append(f"| {rows}x{n} bf16 | batch_stats+merge | {t_op * 1e3:.3f} | {op_gbs:.0f} | "
+                     f"{copy_gbs:.0f} | {op_gbs / copy_gbs:.0%} |")
+    shapes = gpt2_medium_parameter_shapes(*((8, 2, 50, 16) if smoke else ()))
+    values = [torch.randn(s, device=device) for s in shapes]
+    tallies, skipped, moments = (list(x) for x in zip(*(ops.new_state(v) for v in values)))
+    copies = [torch.empty_like(v) for v in values]
+    numel = sum(v.numel() for v in values)
+    t_copy = _event_time(lambda: torch._foreach_copy_(copies, values), device)
+    t_op = _event_time(lambda: ops.temporal_update(values, tallies, skipped, moments), device)
+    copy_gbs, op_gbs = 8 * numel / t_copy / 1e9, 24 * numel / t_op / 1e9  # 24 B/element, steady
+    worst_update = op_gbs / copy_gbs
+    lines.append(f"| GPT-2-medium parameters ({len(values)} tensors, {numel / 1e6:.0f}M) fp32 | "
+                 f"temporal_update | {t_op * 1e3:.3f} | {op_gbs:.0f} | {copy_gbs:.0f} | "
+                 f"{worst_update:.0%} |")
+    return lines, min(worst, worst_update)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", default=os.environ.get("OUT", "runs/gpu_check"))
+    p.add_argument("--smoke", action="store_true", help="tiny sizes on CPU: checks the script runs")
+    p.add_argument("--skip-tests", action="store_true", help="leave out the test stage")
+    args = p.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    device = "cpu" if args.smoke else "cuda"
+    if device == "cuda" and not torch.cuda.is_available():
+        print("gpu_check: no CUDA device (use --smoke to try the script on CPU)", file=sys.stderr)
+        return 2
+    summary = [f"# GPU check ({datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC)", ""]
+
+    env = [f"date {datetime.datetime.now(datetime.timezone.utc).isoformat()}",
+           f"device {torch.cuda.get_device_name() if device == 'cuda' else 'cpu (smoke)'}",
+           f"torch {torch.__version__}"]
+    try:
+        import triton
+        env.append(f"triton {triton.__version__}")
+    except ImportError as e:
+        env.append(f"triton not importable: {e}")
+    with open(os.path.join(args.out, "env.txt"), "w") as f:
+        f.write("\n".join(env) + "\n")
+    summary += [f"- {line}" for line in env]
+
+    if not args.skip_tests:
+        rc, secs = _run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
+                         "tests/test_cuda.py", "tests/test_ops.py"],
+                        os.path.join(args.out, "tests.txt"), timeout=100)
+        summary.append(f"- CUDA tests (tests/test_cuda.py, tests/test_ops.py): "
+                       f"{'passed' if rc == 0 else f'FAILED (rc {rc})'} in {secs:.0f} s, tests.txt")
+
+    t = time.time()
+    try:
+        lines, worst = kernels(device, args.smoke)
+        with open(os.path.join(args.out, "kernels.md"), "w") as f:
+            f.write("\n".join(lines) + "\n")
+        summary.append(f"- kernels: worst {worst:.0%} of copy bandwidth (goal >= 80%) in "
+                       f"{time.time() - t:.0f} s, kernels.md")
+    except Exception as e:  # the next stage still runs
+        summary.append(f"- kernels: FAILED ({type(e).__name__}: {e})")
+
+    model = "mlp" if args.smoke else "gpt2-medium"
+    steps = ["--steps", "2", "--warmup", "0"] if args.smoke else ["--steps", "15", "--warmup", "3"]
+    rc, secs = _run([sys.executable, "-m", "lrfluct_fast.cli", "bench", "--device", device,
+                     "--model", model, *steps, "--modes", "lrfluct", "lrfluct-no-weights",
+                     "hook-streaming", "--out", os.path.join(args.out, "bench")],
+                    os.path.join(args.out, "bench.txt"), timeout=120)
+    summary.append(f"- {model} overhead (`lrfluct bench`): {'done' if rc == 0 else f'FAILED (rc {rc})'} "
+                   f"in {secs:.0f} s, bench/bench.md (goal: lrfluct-no-weights <= +2%)")
+    with open(os.path.join(args.out, "summary.md"), "w") as f:
+        f.write("\n".join(summary) + "\n")
+    print("\n".join(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
