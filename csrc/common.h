@@ -51,6 +51,7 @@ inline void check_state(const std::string& name, const at::Tensor& t, at::IntArr
 void register_batch_stats(torch::Library& m);
 void register_merge_stats(torch::Library& m);
 void register_temporal_update(torch::Library& m);
+void register_observe(torch::Library& m);
 
 // Hot loops are compiled twice, for AVX2 and for baseline x86-64, and picked at load time:
 // fast on current CPUs, still portable. (The loops vectorise only with -fno-trapping-math.)

@@ -12,6 +12,7 @@
 namespace {
 
 std::unique_ptr<torch::Library> g_kernels;  // alive while the kernels stay registered
+std::unique_ptr<torch::Library> g_composite;  // observe: its own autograd, on every device
 
 PyObject* register_kernels(PyObject*, PyObject*) {
   if (g_kernels) Py_RETURN_NONE;
@@ -21,8 +22,13 @@ PyObject* register_kernels(PyObject*, PyObject*) {
     lrfluct::register_batch_stats(*lib);
     lrfluct::register_merge_stats(*lib);
     lrfluct::register_temporal_update(*lib);
+    auto composite = std::make_unique<torch::Library>(
+        torch::Library::IMPL, "lrfluct", c10::DispatchKey::CompositeImplicitAutograd, __FILE__,
+        __LINE__);
+    lrfluct::register_observe(*composite);
     g_kernels = std::move(lib);
-  } catch (const c10::Error& e) {  // `lib` is gone: the kernels it registered are too
+    g_composite = std::move(composite);
+  } catch (const c10::Error& e) {  // the libraries are gone: the kernels they registered too
     PyErr_SetString(PyExc_ImportError, e.what_without_backtrace());
     return nullptr;
   } catch (const std::exception& e) {

@@ -36,9 +36,19 @@ def matrix(t: torch.Tensor) -> torch.Tensor:
     return t.flatten(0, -2) if t.dim() > 1 else t.unsqueeze(0)
 
 
+def _last_rows(t: torch.Tensor) -> torch.Tensor:
+    return matrix(t)
+
+
+_last_rows.dim_of = lambda t: -1  # noqa: E731
+
+
 def features_last(module: nn.Module) -> RowsFn:
-    """Neurons in the last dim of the output: a view."""
-    return matrix
+    """Neurons in the last dim of the output: a view.
+
+    A rows function may carry `dim_of(t)`, the one dim of t that holds the neurons (None when
+    t has none): the layer then runs the C++ observe op (ops/observe.py)."""
+    return _last_rows
 
 
 def channels(spatial: Callable[[nn.Module], int]):
@@ -47,8 +57,12 @@ def channels(spatial: Callable[[nn.Module], int]):
     def rows_for(module: nn.Module) -> RowsFn:
         n_spatial = spatial(module)
 
+        def dim_of(t: torch.Tensor) -> int:
+            return 1 if t.dim() >= n_spatial + 2 else 0
+
         def rows(t: torch.Tensor) -> torch.Tensor:
-            return matrix(t.movedim(1 if t.dim() >= n_spatial + 2 else 0, -1))
+            return matrix(t.movedim(dim_of(t), -1))
+        rows.dim_of = dim_of
         return rows
     return rows_for
 
@@ -132,6 +146,7 @@ def _dim_rows(dim: int):
                 raise ValueError(f"the output of {type(module).__name__} has {t.dim()} dims: it "
                                  f"has no neuron dim {dim}")
             return matrix(t.movedim(dim, -1))
+        rows.dim_of = lambda t: dim if -t.dim() <= dim < t.dim() and t.dim() > 1 else None
         return rows
     return rows_for
 

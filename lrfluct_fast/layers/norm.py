@@ -13,15 +13,18 @@ from . import LayerKind, KINDS, features_last, matrix
 
 def _trailing(module):
     k = len(module.normalized_shape)
+    if k == 1:
+        return features_last(module)
 
     def rows(t):
-        return matrix(t.flatten(-k)) if k > 1 else matrix(t)
+        return matrix(t.flatten(-k))
     return rows
 
 
 def _channel_dim_1(module):
     def rows(t):
         return matrix(t.movedim(1, -1)) if t.dim() > 1 else t.unsqueeze(0)
+    rows.dim_of = lambda t: 1 if t.dim() > 1 else -1
     return rows
 
 

@@ -12,7 +12,7 @@ import math
 import torch
 from torch import nn
 
-from .. import ops
+from .. import _backend, ops
 from ..layers import LayerKind, parameter_value
 
 TEMPORAL_PARTS = ("tally", "skipped", "moments")  # buffer names of a temporal state (ops.new_state)
@@ -117,7 +117,15 @@ class LayerState:
             self._add_temporal("bias", bias)
         self.bias_shape = None if bias is None else tuple(bias.shape)
         self.sampling = True  # observe this step's forwards and backwards (set by the Monitor)
+        self.live = torch.ones((), dtype=torch.bool)  # not paused, as the C++ op reads it
         self.paused = False   # inside Monitor.paused()
+        # the C++ observe op (ops/observe.py) serves this layer: the extension is built, the
+        # neurons are one dim of the output, and no GradScaler asks for staged statistics
+        dim_of = getattr(self.rows, "dim_of", None)
+        self._op_dim_of = dim_of if (dim_of is not None and grad_scale is None
+                                     and _backend.cpp_error() is None) else None
+        self._op_state = tuple(self.buffers.get(f"{kind}.{part}") for kind in ("activation", "gradient")
+                               for part in ("counts", "moments"))
         self.unobserved = None  # why the last forward was not observed (for the no-data warning)
 
     # -- forward / backward -----------------------------------------------------------------
@@ -138,6 +146,11 @@ class LayerState:
             raise TypeError(f"layer {self.name!r}: its output must be a floating-point tensor, "
                             f"got {getattr(z, 'dtype', type(z).__name__)}")
         self.check_placement("its output", z)
+        if self._op_dim_of is not None and columns is None and z.requires_grad \
+                and not torch.compiler.is_compiling():
+            dim = self._op_dim_of(z)
+            if dim is not None and z.shape[dim] == self.neurons:
+                return torch.ops.lrfluct.observe.default(z, dim, *self._op_state, self.live)
         pending = self._stats(z, columns) if self.track["activation"] else (None, None)
         if not z.requires_grad:
             # no backward will reach this forward (a frozen layer fed by frozen layers): count
@@ -181,6 +194,15 @@ class LayerState:
     def weight_rows(self, t: torch.Tensor) -> torch.Tensor:
         """A weight-shaped tensor as [N, fan_in], neuron j's incoming weights in row j."""
         return self._weight_rows(t)
+
+    @property
+    def paused(self) -> bool:
+        return self._paused
+
+    @paused.setter
+    def paused(self, value: bool) -> None:
+        self._paused = bool(value)
+        self.live.fill_(not value)
 
     def _unobserved_reason(self, module) -> str | None:
         """None for a training observation, else why not ("" when by the user's choice)."""

@@ -13,6 +13,7 @@ from ._library import COUNT, LIB, M2, MEAN, NONFINITE, POSITIVE, SHIFT, check, m
 from ._triton_config import triton_usable
 from .batch_stats import batch_stats_reference, batch_stats_torch, batch_stats_triton
 from .merge_stats import merge_stats_torch, merge_stats_triton
+from . import observe as _observe_schema  # noqa: F401  the C++-only op's schema
 from .temporal_update import (CALLS, SKIPPED, new_state, temporal_counts, temporal_stats,
                               temporal_stats_reference, temporal_update_torch, temporal_update_triton)
 
