@@ -407,7 +407,9 @@ def instrument(model: nn.Module, **options) -> Monitor:
             if p.dim() == 0:
                 skipped.append((full, "a scalar parameter has no neurons"))
             elif opts["weights"]:  # a parameter alone: its temporal statistics
-                states[full] = LayerState(full, m, parameter_kind(pname), grad_scale=None, **layer_opts)
+                axis = ((kind.alone_axes or {}).get(pname, -1) if kind is not None else -1)
+                states[full] = LayerState(full, m, parameter_kind(pname, axis), grad_scale=None,
+                                          **layer_opts)
                 layers[full] = m
     if not states:
         raise ValueError(f"nothing to monitor in {type(model).__name__}: no module of a "

@@ -213,10 +213,31 @@ def test_multihead_attention_masks_and_batch_first_equal_plain():
     assert (mon.summary()[""]["gradient.count"] == 10).all()
 
 
-def test_multihead_attention_with_separate_weights_refused():
-    mha = nn.MultiheadAttention(8, 2, kdim=5, vdim=6)
-    mon = lf.instrument(nn.ModuleDict({"a": mha, "b": nn.Linear(3, 3)}))
-    assert any(name == "a" and "separate q/k/v" in why for name, why in mon.skipped)
+def test_multihead_attention_with_separate_weights():
+    # kdim, vdim != embed_dim: q, k, v from q/k/v_proj_weight, each a block of the 3E neurons;
+    # those weights are tracked alone, neurons along their rows
+    torch.manual_seed(7)
+    plain = nn.MultiheadAttention(8, 2, kdim=5, vdim=6)
+    wrapped = copy.deepcopy(plain)
+    mon = lf.instrument(wrapped)
+    assert set(mon.layers) == {"", "out_proj", "q_proj_weight", "k_proj_weight", "v_proj_weight"}
+    assert mon.coverage()["fraction"] == 1.0
+    q, k, v = torch.randn(4, 3, 8), torch.randn(6, 3, 5), torch.randn(6, 3, 6)
+    opts = [torch.optim.SGD(m.parameters(), lr=0.1) for m in (plain, wrapped)]
+    for _ in range(2):
+        for m, opt in zip((plain, wrapped), opts):
+            opt.zero_grad()
+            loss_of(m(q, k, v)[0]).backward()
+            opt.step()
+        mon.step()
+    for p, r in zip(plain.parameters(), wrapped.parameters()):
+        assert torch.equal(p, r)
+    s = mon.summary()
+    np.testing.assert_array_equal(s[""]["activation.count"], [2 * 12] * 8 + [2 * 18] * 16)
+    np.testing.assert_array_equal(s[""]["gradient.count"], s[""]["activation.count"])
+    assert "weight.spread" not in s[""] and s[""]["bias.spread"].shape == (24,)
+    for name in ("q_proj_weight", "k_proj_weight", "v_proj_weight"):
+        assert s[name]["weight.spread"].shape == (8,) and np.isfinite(s[name]["weight.spread"]).all()
 
 
 # ---------------------------------------------------------------------------------------

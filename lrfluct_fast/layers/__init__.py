@@ -77,6 +77,10 @@ class LayerKind:
     rebuild: Optional[Callable] = None
     around: Optional[Callable] = None
     check: Optional[Callable[[nn.Module], Optional[str]]] = None
+    # for a module whose `weight` attribute is absent (None): its number of neurons, and the
+    # neuron axis of the own parameters that then hold its weights (tracked alone)
+    neurons: Optional[Callable[[nn.Module], int]] = None
+    alone_axes: Optional[dict] = None
 
     def neuron_rows_of_weight(self, module: nn.Module, w: torch.Tensor) -> torch.Tensor:
         """w (the weight's shape) as [N, fan_in]: neuron j's incoming weights in row j."""
@@ -151,11 +155,11 @@ def _dim_rows(dim: int):
     return rows_for
 
 
-def parameter_kind(name: str) -> LayerKind:
+def parameter_kind(name: str, axis: int = -1) -> LayerKind:
     """A parameter of a module no kind serves (a ViT's position embeddings, a user's own
     gain): its temporal statistics alone, neurons along its last dim (features, as in the
-    layers it feeds). No output is observed."""
-    return LayerKind(rows=None, weight=(name, -1), bias=None)
+    layers it feeds) unless the module's kind names the axis. No output is observed."""
+    return LayerKind(rows=None, weight=(name, axis), bias=None)
 
 
 def parameter_value(module: nn.Module, attr: str):

@@ -6,14 +6,15 @@ dispatches as a whole). So the module's own forward runs unchanged while `_Proje
 stands in for torch.nn.functional's `linear`: the output of every call whose weight is
 in_proj_weight (or a row block of it: q apart from k and v in cross-attention) passes through
 the layer's Observe, and of the one whose weight is out_proj.weight through out_proj's:
-  layer "<attn>"           3E neurons, q then k then v; weight in_proj_weight, bias in_proj_bias
+  layer "<attn>"           3E neurons, q then k then v; weight in_proj_weight, bias in_proj_bias;
+                           with separate q/k/v weights (kdim or vdim != embed_dim) no weight
+                           of its own: "<attn>.q_proj_weight" etc. are tracked alone, by row
   layer "<attn>.out_proj"  E neurons, the attention output; weight and bias of out_proj
-The values are torch's own: nothing is recomputed. Served: packed projection weights
-(kdim = vdim = embed_dim), with or without bias_k/bias_v (tracked as parameters alone) and
-add_zero_attn, batch_first or not, every mask, need_weights True or False.
+The values are torch's own: nothing is recomputed. Served: packed or separate projection
+weights, with or without bias_k/bias_v (tracked as parameters alone) and add_zero_attn,
+batch_first or not, every mask, need_weights True or False.
 What it does not see: the inference fast path (eval mode or no_grad, where nothing is
-recorded anyway); separate q/k/v weights (kdim or vdim != embed_dim) are refused. Under
-torch.compile the tap is a graph break: the attention runs eagerly.
+recorded anyway). Under torch.compile the tap is a graph break: the attention runs eagerly.
 """
 from __future__ import annotations
 
@@ -29,10 +30,15 @@ class _ProjectionTap:
     A call with any other weight (another thread's) is served unchanged."""
 
     def __init__(self, module: nn.Module, state):
-        self.targets = {id(module.in_proj_weight): (module.in_proj_weight, state)}
+        e = module.embed_dim
+        if module.in_proj_weight is not None:
+            self.targets = {id(module.in_proj_weight): (module.in_proj_weight, state, None)}
+        else:  # separate q, k, v weights (kdim, vdim): each one block of the 3E neurons
+            self.targets = {id(w): (w, state, (i * e, (i + 1) * e)) for i, w in enumerate(
+                (module.q_proj_weight, module.k_proj_weight, module.v_proj_weight))}
         out_state = getattr(module.out_proj, "_lrfluct", None)
         if out_state is not None:
-            self.targets[id(module.out_proj.weight)] = (module.out_proj.weight, out_state)
+            self.targets[id(module.out_proj.weight)] = (module.out_proj.weight, out_state, None)
 
     def __enter__(self):
         self.previous = F.linear
@@ -52,7 +58,7 @@ class _ProjectionTap:
         """(LayerState, neuron columns or None) of a projection weight, or None."""
         hit = self.targets.get(id(weight))
         if hit is not None:
-            return hit[1], None
+            return hit[1], hit[2]
         base = weight._base
         hit = self.targets.get(id(base)) if base is not None else None
         if hit is None:
@@ -61,12 +67,7 @@ class _ProjectionTap:
         return hit[1], (start, start + weight.shape[0])   # a row block: split([E, 2E])
 
 
-def _check(module: nn.Module) -> str | None:
-    if not module._qkv_same_embed_dim:
-        return "separate q/k/v projection weights (kdim or vdim != embed_dim) are not supported"
-    return None
-
-
-KINDS[nn.MultiheadAttention] = LayerKind(rows=features_last, weight=("in_proj_weight", 0),
-                                         bias=("in_proj_bias", 0), around=_ProjectionTap,
-                                         check=_check)
+KINDS[nn.MultiheadAttention] = LayerKind(
+    rows=features_last, weight=("in_proj_weight", 0), bias=("in_proj_bias", 0),
+    around=_ProjectionTap, neurons=lambda m: 3 * m.embed_dim,
+    alone_axes={"q_proj_weight": 0, "k_proj_weight": 0, "v_proj_weight": 0})

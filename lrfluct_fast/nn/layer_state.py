@@ -78,20 +78,24 @@ class LayerState:
         self.rows = kind.rows(module) if kind.rows is not None else None
         self.params = {role: spec[0] for role, spec in (("weight", kind.weight), ("bias", kind.bias))
                        if spec is not None and parameter_value(module, spec[0]) is not None}
-        if "weight" not in self.params:
-            raise ValueError(f"layer {name!r} ({type(module).__name__}) has no weight "
-                             f"{kind.weight[0] if kind.weight else ''!r} to say how many neurons it has")
-        weight = parameter_value(module, self.params["weight"])
+        weight = parameter_value(module, self.params["weight"]) if "weight" in self.params else None
         bias = parameter_value(module, self.params["bias"]) if "bias" in self.params else None
         self._module_type = type(module)
         self._weight_rows = lambda t, m=module, k=kind: k.neuron_rows_of_weight(m, t)
-        self.neurons = self.weight_rows(torch.empty(weight.shape, device="meta")).shape[0]
-        self.weight_shape = tuple(weight.shape)
+        if weight is not None:
+            self.neurons = self.weight_rows(torch.empty(weight.shape, device="meta")).shape[0]
+        elif kind.neurons is not None:  # per-neuron weights in several parameters, tracked alone
+            self.neurons, weights = kind.neurons(module), False
+        else:
+            raise ValueError(f"layer {name!r} ({type(module).__name__}) has no weight "
+                             f"{kind.weight[0] if kind.weight else ''!r} to say how many neurons it has")
+        reference = weight if weight is not None else next(module.parameters())
+        self.weight_shape = tuple(weight.shape) if weight is not None else None
         self.weight_mode = weight_mode
-        self.dtype = ops.moments_dtype(weight.dtype)
-        self.device = weight.device
+        self.dtype = ops.moments_dtype(reference.dtype)
+        self.device = reference.device
         self.grad_scale = grad_scale
-        n, dev = self.neurons, weight.device
+        n, dev = self.neurons, reference.device
         if self.rows is None:  # a parameter alone: nothing flows through it to observe
             activations = gradients = False
         self.track = {"activation": activations, "gradient": gradients,
