@@ -89,7 +89,7 @@ class Monitor:
         self._check_live()
         if self.steps % self.options["every"] == 0:
             plan = self._plan if self._plan is not None and self._plan.valid() else self._new_plan()
-            values = plan.values + [_computed_weight(m, st) for m, st in plan.computed]
+            values = plan.values + [_computed_value(m, st, role) for m, st, role in plan.computed]
             if values:
                 ops.temporal_update(values, plan.tallies, plan.skipped, plan.moments)
         self.steps += 1
@@ -120,7 +120,7 @@ class Monitor:
                     plan.watch(m, st.params[role], value)
                     plan.values.append(value.detach())
                 else:       # parametrized, or the per-neuron RMS: computed each step
-                    plan.computed.append((m, st))
+                    plan.computed.append((m, st, role))
                     plan.pending_order.append(len(plan.tallies))
                 for part, t in zip(("tallies", "skipped", "moments"), st.temporal_state(role)):
                     getattr(plan, part).append(t)
@@ -157,6 +157,7 @@ class Monitor:
         self._check_live()
         self.steps = 0
         self._warned.clear()
+        self._sampling = True
         for _, st in self._states():
             st.reset()
             st.sampling = True
@@ -249,8 +250,9 @@ class Monitor:
                 for t in st.staged:
                     t.zero_()
         self.steps = int(sd["steps"])
+        self._sampling = self.steps % self.options["every"] == 0
         for _, st in self._states():
-            st.sampling = self.steps % self.options["every"] == 0
+            st.sampling = self._sampling
 
     def remove(self) -> None:
         """Put the original torch modules back (same objects, trained parameters kept)."""
@@ -302,7 +304,7 @@ class _StepPlan:
 
     def __init__(self):
         self.values: list[torch.Tensor] = []
-        self.computed: list[tuple[nn.Module, LayerState]] = []
+        self.computed: list[tuple[nn.Module, LayerState, str]] = []
         self.pending_order: list[int] = []  # positions of the computed ones among all states
         self.tallies, self.skipped, self.moments = [], [], []
         self._watch: list[tuple[dict, str, nn.Parameter, int, torch.dtype]] = []
@@ -325,11 +327,12 @@ class _StepPlan:
                    for params, name, p, ptr, dtype in self._watch)
 
 
-def _computed_weight(module: nn.Module, state: LayerState) -> torch.Tensor:
-    """This step's observation of a weight step() cannot read in place, checked first."""
-    weight = parameter_value(module, state.params["weight"])
-    state.check_placement("its weight", weight, state.weight_shape)
-    return state.weight_observation(weight)
+def _computed_value(module: nn.Module, state: LayerState, role: str) -> torch.Tensor:
+    """This step's observation of a weight or bias step() cannot read in place, checked first."""
+    value = parameter_value(module, state.params[role])
+    state.check_placement(f"its {role}", value,
+                          state.weight_shape if role == "weight" else state.bias_shape)
+    return state.weight_observation(value) if role == "weight" else value.detach()
 
 
 def _parameters_of(module: nn.Module, state: LayerState):

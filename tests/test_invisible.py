@@ -536,3 +536,24 @@ def test_no_grad_and_frozen_input_named_in_the_warning():
     assert (s["0"]["activation.count"] == 5).all()   # its activations are counted at once
     assert np.isnan(mon.metrics()["0"]["participation_ratio"])
     assert np.isfinite(mon.metrics()["2"]["participation_ratio"])
+
+
+def test_parametrized_bias_is_recorded_as_the_bias():
+    # a parametrized bias is computed each step: recorded as the bias, not as the weight
+    torch.manual_seed(35)
+    model = nn.Sequential(nn.Linear(4, 3))
+    parametrize.register_parametrization(model[0], "bias", _Double())
+    mon = lf.instrument(model)
+    values = []
+    for step in range(3):
+        with torch.no_grad():
+            model[0].parametrizations.bias.original.add_(float(step))
+        values.append(model[0].bias.detach().clone())
+        mon.step()
+    want = torch.stack(values).double().var(0, unbiased=False).sqrt()
+    np.testing.assert_allclose(mon.summary()["0"]["bias.spread"], want.numpy(), rtol=1e-5)
+
+
+class _Double(nn.Module):
+    def forward(self, b):
+        return 2 * b

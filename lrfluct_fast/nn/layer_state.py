@@ -81,7 +81,7 @@ class LayerState:
         weight = parameter_value(module, self.params["weight"]) if "weight" in self.params else None
         bias = parameter_value(module, self.params["bias"]) if "bias" in self.params else None
         self._module_type = type(module)
-        self._weight_rows = lambda t, m=module, k=kind: k.neuron_rows_of_weight(m, t)
+        self._weight_rows = lambda t, m=module: kind.neuron_rows_of_weight(m, t)
         if weight is not None:
             self.neurons = self.weight_rows(torch.empty(weight.shape, device="meta")).shape[0]
         elif kind.neurons is not None:  # per-neuron weights in several parameters, tracked alone
@@ -104,10 +104,10 @@ class LayerState:
             raise ValueError(f"layer {name!r}: its bias has {bias.numel()} elements for "
                              f"{self.neurons} neurons")
         self.buffers: dict[str, torch.Tensor] = {}
-        for kind in ("activation", "gradient"):
-            if self.track[kind]:
-                self.buffers[f"{kind}.counts"] = torch.zeros(3, n, dtype=torch.int64, device=dev)
-                self.buffers[f"{kind}.moments"] = torch.zeros(3, n, dtype=self.dtype, device=dev)
+        for stat in ("activation", "gradient"):
+            if self.track[stat]:
+                self.buffers[f"{stat}.counts"] = torch.zeros(3, n, dtype=torch.int64, device=dev)
+                self.buffers[f"{stat}.moments"] = torch.zeros(3, n, dtype=self.dtype, device=dev)
         # dL/dz of this step, unscaled, until Monitor.step knows whether the scaler kept the step
         self.staged = None
         if grad_scale is not None and gradients:
