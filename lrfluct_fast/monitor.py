@@ -117,14 +117,10 @@ class Monitor:
                                    st.weight_shape if role == "weight" else st.bias_shape)
                 direct = isinstance(value, nn.Parameter) and (role == "bias" or st.weight_mode == "element")
                 if direct:  # the parameter itself, read in place: nothing to compute per step
-                    plan.watch(m, st.params[role], value)
-                    plan.values.append(value.detach())
+                    plan.read_in_place(m, st.params[role], value, st.temporal_state(role))
                 else:       # parametrized, or the per-neuron RMS: computed each step
-                    plan.computed.append((m, st, role))
-                    plan.pending_order.append(len(plan.tallies))
-                for part, t in zip(("tallies", "skipped", "moments"), st.temporal_state(role)):
-                    getattr(plan, part).append(t)
-        plan.reorder()
+                    plan.compute(m, st, role, st.temporal_state(role))
+        plan.tallies, plan.skipped, plan.moments = plan.states() or ([], [], [])
         self._plan = plan
         return plan
 
@@ -297,30 +293,32 @@ class Monitor:
 
 class _StepPlan:
     """What Monitor.step hands the temporal update: the parameters it reads in place (their
-    detached aliases, made once) and those it computes each step (parametrized weights, the
-    per-neuron RMS), with their states in the same order. It stays valid while every watched
-    attribute still holds the same parameter with the same storage, dtype and device, so a
-    step costs a few attribute reads per tensor; anything else rebuilds it with every check."""
+    detached aliases, made once) and those it computes each step (parametrized weights and
+    biases, the per-neuron RMS), with their states in the same order. It stays valid while
+    every watched attribute still holds the same parameter with the same storage (a move or
+    cast gives it new storage), so a step costs a few attribute reads per tensor; anything
+    else rebuilds it with every check."""
 
     def __init__(self):
         self.values: list[torch.Tensor] = []
         self.computed: list[tuple[nn.Module, LayerState, str]] = []
-        self.pending_order: list[int] = []  # positions of the computed ones among all states
-        self.tallies, self.skipped, self.moments = [], [], []
+        self._direct_states, self._computed_states = [], []
         self._watch: list[tuple[dict, str, nn.Parameter, int, torch.dtype]] = []
 
-    def watch(self, module: nn.Module, attr: str, p: nn.Parameter) -> None:
+    def read_in_place(self, module: nn.Module, attr: str, p: nn.Parameter, state: list) -> None:
         owner_path, _, name = attr.rpartition(".")
         owner = module.get_submodule(owner_path) if owner_path else module
-        # a move or cast gives the parameter new storage: the pointer and dtype tell it
         self._watch.append((owner._parameters, name, p, p.data_ptr(), p.dtype))
+        self.values.append(p.detach())
+        self._direct_states.append(state)
 
-    def reorder(self) -> None:
-        """States in the order step() builds its values: read-in-place ones, then computed ones."""
-        order = [i for i in range(len(self.tallies)) if i not in set(self.pending_order)]
-        order += self.pending_order
-        for part in ("tallies", "skipped", "moments"):
-            setattr(self, part, [getattr(self, part)[i] for i in order])
+    def compute(self, module: nn.Module, layer: LayerState, role: str, state: list) -> None:
+        self.computed.append((module, layer, role))
+        self._computed_states.append(state)
+
+    def states(self):
+        """(tallies, skipped, moments) lists, in the order step() builds its values."""
+        return tuple(list(part) for part in zip(*(self._direct_states + self._computed_states)))
 
     def valid(self) -> bool:
         return all(params.get(name) is p and p.data_ptr() == ptr and p.dtype == dtype
@@ -389,7 +387,7 @@ def instrument(model: nn.Module, **options) -> Monitor:
         if hasattr(m, "_lrfluct"):
             raise ValueError(f"module {name!r} is already instrumented; call remove() on its Monitor first")
     layer_opts = {k: opts[k] for k in ("activations", "gradients", "weights", "biases", "weight_mode")}
-    states, layers, skipped, wrapped = {}, {}, [], []
+    states, layers, skipped, wrapped = {}, {}, [], []  # wrapped: names of layers of a kind
     for name, m in model.named_modules():
         if isinstance(m, parametrize.ParametrizationList):
             continue  # a parametrized tensor is read through the module that owns it
@@ -398,7 +396,7 @@ def instrument(model: nn.Module, **options) -> Monitor:
         if kind is not None and reason is None:
             states[name] = LayerState(name, m, kind, grad_scale=grad_scale, **layer_opts)
             layers[name] = m
-            wrapped.append(m)
+            wrapped.append(name)
         elif reason is not None:
             skipped.append((name, f"{type(m).__name__}: {reason}"))
         covered = {kind.weight[0] if kind and kind.weight else None,
@@ -423,9 +421,8 @@ def instrument(model: nn.Module, **options) -> Monitor:
             owner = owners.setdefault(st.weight_id, st)
             if owner is not st:
                 st.share_weight_state(owner)
-    for name, m in layers.items():  # every state is built: only now is the model touched
-        if m in wrapped and not hasattr(m, "_lrfluct"):
-            wrap(m, states[name])
+    for name in wrapped:  # every state is built: only now is the model touched
+        wrap(layers[name], states[name])
     mon = Monitor(model, states, layers, skipped, opts, grad_scale)
     if opts["log_dir"] is not None:
         try:
