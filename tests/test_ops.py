@@ -63,7 +63,7 @@ def torch_error(x):
 def assert_close_to_reference(counts, moments, x):
     rc, rm = ops.batch_stats_reference(x)
     assert counts.dtype == torch.int64 and torch.equal(counts, rc)
-    assert moments.dtype == ops.moments_dtype(x.dtype)
+    assert moments.dtype == ops.STATS_DTYPE
     assert moments.shape == rm.shape
     if x.numel() == 0:
         assert not moments.any()
@@ -107,7 +107,96 @@ def test_batch_stats_noncontiguous(backend):
     assert_close_to_reference(*call(backend, "batch_stats", x), x)
 
 
-def empty_state(n, dtype=torch.float32):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("shape", [(3, 7, 11), (1, 5, 1), (2, 0, 3), (0, 4, 5), (5, 33, 70)], ids=str)
+def test_batch_stats_neurons_in_the_middle(backend, dtype, shape):
+    # [B, N, S]: a conv output's channels, read in place (no movedim copy on the GPU)
+    x = make_data((shape[0] * shape[2], shape[1]), dtype, "nonfinite", seed=4)
+    x = x.reshape(shape[0], shape[2], shape[1]).transpose(1, 2).contiguous()
+    assert_close_to_reference(*call(backend, "batch_stats", x), x)
+    strided = torch.cat([x, x], dim=2)[:, :, ::2]  # no unit stride anywhere
+    assert_close_to_reference(*call(backend, "batch_stats", strided), strided)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_batch_stats_near_the_dtype_maximum(backend, dtype):
+    # finite values near the dtype's maximum: a finite mean and variance (the variance of data
+    # near float32's maximum, ~1e77, is held by the float64 moments)
+    big = torch.finfo(dtype).max
+    x = torch.tensor([[0.9, -0.9, 1.0, 1e-30], [-0.99, 0.5, 1.0, 1.0], [0.7, -1.0, 1.0, -1.0]],
+                     dtype=torch.float64) * torch.tensor([big, big, big, 1.0], dtype=torch.float64)
+    x = x.to(dtype)
+    counts, moments = call(backend, "batch_stats", x)
+    rc, rm = ops.batch_stats_reference(x)
+    assert torch.isfinite(moments).all(), moments
+    # the last column's mean is 3.3e-31: the two-pass reference rounds it to 0, atol covers it
+    torch.testing.assert_close(mean_of(moments), rm[MEAN], rtol=1e-6, atol=1e-12)
+    torch.testing.assert_close(moments[M2], rm[M2], rtol=1e-6, atol=1e-12)
+
+
+def test_batch_stats_float64_extremes(backend):
+    # M2 as float64 holds it; beyond float64 (data at 1e200 that varies) it is inf, never 0
+    x = torch.tensor([[1e150, 1e200, 1e-200, 5.0], [-1e150, -1e200, 3e-200, 5.0],
+                      [3e150, 3e200, -2e-200, 5.0]], dtype=torch.float64)
+    counts, moments = call(backend, "batch_stats", x)
+    rc, rm = ops.batch_stats_reference(x)
+    assert rm[M2, 1] == float("inf") and moments[M2, 1] == float("inf")
+    torch.testing.assert_close(mean_of(moments), rm[MEAN], rtol=1e-12, atol=0)
+    keep = torch.tensor([0, 2, 3])
+    torch.testing.assert_close(moments[M2, keep], rm[M2, keep], rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("pending", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+def test_accumulate_equals_batch_stats_then_merge(backend, pending, dtype):
+    first, second = make_data((61, 23), dtype, "nonfinite", seed=5), make_data((8, 23), dtype, "offset", seed=6)
+    counts, moments = empty_state(23)
+    call(backend, "accumulate_stats", first, counts, moments)
+    into = empty_state(23)
+    extra = (*call(backend, "batch_stats", first), *into) if pending else ()
+    call(backend, "accumulate_stats", second, counts, moments, *extra)
+    assert_close_to_reference(counts, moments, torch.cat([first, second]))
+    if pending:
+        assert_close_to_reference(*into, first)
+    else:
+        assert not into[0].any() and not into[1].any()
+
+
+def test_accumulate_bad_input_leaves_state(backend):
+    x = torch.randn(5, 4)
+    counts, moments = empty_state(4)
+    with pytest.raises(ValueError, match="moments must have dtype"):
+        call(backend, "accumulate_stats", x, counts, moments.float())
+    with pytest.raises(ValueError, match="come together"):
+        call(backend, "accumulate_stats", x, counts, moments, counts.clone(), None, None, None)
+    with pytest.raises(ValueError, match="into_moments must have shape"):
+        call(backend, "accumulate_stats", x, counts, moments, *empty_state(4), counts.clone(),
+             moments[:, :3].contiguous())
+    assert not counts.any() and not moments.any()
+
+
+@pytest.mark.parametrize("backend_batches", [("cpp", 1_000_000), ("torch", 20_000)], ids=str)
+def test_running_stats_of_drifting_data_stay_exact(backend_batches):
+    # 1e6 batches whose mean drifts from 0 to 1000 (float32 running state: mean off by 0.064):
+    # the float64 state keeps the running mean and variance within 1e-5 of exact
+    backend, batches = backend_batches
+    n, rows = 3, 4
+    drift = torch.linspace(0, 1000, batches, dtype=torch.float64)
+    spread = 0.5 + torch.rand(batches, n, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    batch_counts = torch.tensor([[rows] * n, [rows] * n, [0] * n], dtype=torch.int64)
+    # batch b: mean 0 about the shift drift[b], M2 = spread * rows
+    stats = torch.stack([torch.zeros_like(spread), spread * rows, drift[:, None].expand(-1, n)], 1)
+    counts, moments = empty_state(n)
+    for batch in stats.unbind(0):
+        call(backend, "merge_stats", counts, moments, batch_counts, batch)
+    mean = drift.mean()
+    m2 = (spread * rows).sum(0) + rows * (drift - mean).square().sum()
+    assert counts[COUNT].tolist() == [rows * batches] * n
+    torch.testing.assert_close(mean_of(moments), mean.expand(n), rtol=1e-5, atol=0)
+    torch.testing.assert_close(moments[M2], m2, rtol=1e-5, atol=0)
+
+
+def empty_state(n, dtype=ops.STATS_DTYPE):
     return torch.zeros(3, n, dtype=torch.int64), torch.zeros(3, n, dtype=dtype)
 
 
@@ -118,7 +207,7 @@ def test_merge_equals_one_batch(backend, dtype, kind):
     chunks = [x[:10], x[10:11], x[11:]]
     results = []
     for order in ([0, 1, 2], [2, 0, 1]):
-        counts, moments = empty_state(41, ops.moments_dtype(dtype))
+        counts, moments = empty_state(41)
         for i in order:
             call(backend, "merge_stats", counts, moments, *call(backend, "batch_stats", chunks[i]))
         assert_close_to_reference(counts, moments, x)
@@ -188,6 +277,8 @@ def test_opcheck(backend):
     counts, moments = torch.ops.lrfluct.batch_stats(x)
     torch.library.opcheck(torch.ops.lrfluct.merge_stats.default,
                           (*empty_state(30), counts, moments))
+    torch.library.opcheck(torch.ops.lrfluct.accumulate_stats.default,
+                          (x, *empty_state(30), counts, moments, *empty_state(30)))
     w = [torch.randn(4, 3), torch.randn(5)]
     st = [ops.new_state(v) for v in w]
     torch.library.opcheck(torch.ops.lrfluct.temporal_update.default, (w, *map(list, zip(*st))))
@@ -197,6 +288,7 @@ def test_compile():
     def step(x, counts, moments):
         bc, bm = ops.batch_stats(x * 2)
         ops.merge_stats(counts, moments, bc, bm)
+        ops.accumulate_stats(x, counts, moments, bc, bm, counts, moments)
 
     compiled = torch.compile(step, fullgraph=True)
     x = make_data((16, 8), torch.float32, "normal")
@@ -209,7 +301,7 @@ def test_compile():
 
 BAD_BATCH_STATS = [
     (lambda: torch.zeros(3), "x must be a 2-D"),
-    (lambda: torch.zeros(2, 3, 4), "x must be a 2-D"),
+    (lambda: torch.zeros(2, 3, 4, 5), "x must be a 2-D"),
     (lambda: torch.zeros(2, 3, dtype=torch.int64), "x must be float16"),
 ]
 
@@ -228,8 +320,8 @@ def bad_merges():
     yield (c, m[:, :3], bc, bm), "moments must have shape"
     yield (c, m.half(), bc, bm), "moments must have dtype"
     yield (c, m, bc[:, :3], bm), "batch_counts must have shape"
-    yield (c, m, bc, bm.double()), "batch_moments must have dtype"
-    yield (c, torch.zeros(4, 3).t(), bc, bm), "moments must be contiguous"
+    yield (c, m, bc, bm.float()), "batch_moments must have dtype"
+    yield (c, torch.zeros(4, 3, dtype=torch.float64).t(), bc, bm), "moments must be contiguous"
 
 
 @pytest.mark.parametrize("case", range(7))
