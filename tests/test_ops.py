@@ -158,24 +158,54 @@ def temporal_trajectories(dtype, steps):
     return trajectories
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_temporal_update(backend, dtype):
+TEMPORAL_CASES = ([(dtype, ops.FLUSH_EVERY) for dtype in DTYPES]
+                  + [(torch.float32, 4), (torch.float64, 4), (torch.bfloat16, 1)])
+
+
+@pytest.mark.parametrize("dtype, flush_every", TEMPORAL_CASES, ids=str)
+def test_temporal_update(backend, dtype, flush_every):
+    """Every element's (count, mean, var) against float64, with blocks longer than the run
+    (the float32 block alone), of 4 calls (block starts mid-run, among skipped values) and of
+    1 (every value through the master)."""
     steps = 25
     trajectories = temporal_trajectories(dtype, steps)
     state_dtype = ops.moments_dtype(dtype)
     states = [ops.new_state(t[0], state_dtype) for t in trajectories]
     for step in range(steps):
-        call(backend, "temporal_update", [t[step] for t in trajectories], *zip(*states))
+        call(backend, "temporal_update", [t[step] for t in trajectories], *zip(*states),
+             flush_every=flush_every)
     for t, state in zip(trajectories, states):
         rcount, rmean, rvar = ops.temporal_stats_reference(t)
         count, mean, var = ops.temporal_stats(*state)
-        tally, skipped, _ = state
-        assert tally.tolist() == [steps, int((steps - rcount).sum())]
+        tally, _, _, master = state
+        closed = steps - 1 - (steps - 1) % flush_every  # the call that opened the last block
+        assert tally.tolist() == [steps, int((steps - rcount).sum()), 0, closed]
         assert torch.equal(count, rcount)
         seen = rcount > 0
-        torch.testing.assert_close(mean.double()[seen], rmean[seen], rtol=1e-6, atol=0)
+        assert (master[ops.MASTER_COUNT] <= count).all()
+        torch.testing.assert_close(mean[seen], rmean[seen], rtol=1e-6, atol=0)
         # the fluctuation variance (~1e-10) itself must be right, not just tiny
-        torch.testing.assert_close(var.double()[seen], rvar[seen], rtol=1e-4, atol=0)
+        torch.testing.assert_close(var[seen], rvar[seen], rtol=1e-4, atol=0)
+
+
+def test_temporal_update_backends_agree(backend):
+    """Every backend keeps the same state layout: the same counts, block starts and master
+    counts as the plain-torch one's, the statistics within rounding."""
+    if backend == "torch":
+        pytest.skip("compares a backend with the torch one")
+    trajectories = temporal_trajectories(torch.float32, 11)
+    runs = {}
+    for name in ("torch", backend):
+        states = [ops.new_state(t[0]) for t in trajectories]
+        for step in range(11):
+            call(name, "temporal_update", [t[step] for t in trajectories], *zip(*states),
+                 flush_every=3)
+        runs[name] = states
+    for mine, theirs in zip(runs[backend], runs["torch"]):
+        assert torch.equal(mine[0], theirs[0]) and torch.equal(mine[1], theirs[1])
+        assert torch.equal(mine[3][ops.MASTER_COUNT], theirs[3][ops.MASTER_COUNT])
+        torch.testing.assert_close(mine[2], theirs[2], rtol=1e-5, atol=1e-9, equal_nan=True)
+        torch.testing.assert_close(mine[3], theirs[3], rtol=1e-6, atol=1e-12, equal_nan=True)
 
 
 def test_opcheck(backend):
@@ -191,6 +221,7 @@ def test_opcheck(backend):
     w = [torch.randn(4, 3), torch.randn(5)]
     st = [ops.new_state(v) for v in w]
     torch.library.opcheck(torch.ops.lrfluct.temporal_update.default, (w, *map(list, zip(*st))))
+    torch.library.opcheck(torch.ops.lrfluct.temporal_update.default, (w, *map(list, zip(*st)), 2))
 
 
 def test_compile():
@@ -244,22 +275,27 @@ def test_merge_bad_input_leaves_state(backend, case):
 
 def bad_temporal():
     w = [torch.randn(3, 2), torch.randn(4)]
-    t, s, m = map(list, zip(*[ops.new_state(v) for v in w]))
-    yield ([], [], [], []), "values must be a non-empty list"
-    yield (w, t, s[:1], m), "same length"
-    yield ([w[0], w[1].long()], t, s, m), r"values\[1\] must be float16"
-    yield (w, [t[0], t[1].int()], s, m), r"tallies\[1\] must have dtype"
-    yield (w, [t[0], t[1][:1]], s, m), r"tallies\[1\] must have shape"
-    yield (w, t, [s[0], s[1].long()], m), r"skipped\[1\] must have dtype"
-    yield (w, t, [s[0], s[1][:3]], m), r"skipped\[1\] must have shape"
-    yield (w, t, s, [m[0], m[1][:2]]), r"moments\[1\] must have shape"
-    yield (w, t, s, [m[0], m[1].half()]), r"moments\[1\] must have dtype"
+    t, s, m, g = map(list, zip(*[ops.new_state(v) for v in w]))
+    yield ([], [], [], [], []), "values must be a non-empty list"
+    yield (w, t, s[:1], m, g), "same length"
+    yield (w, t, s, m, g[:1]), "same length"
+    yield ([w[0], w[1].long()], t, s, m, g), r"values\[1\] must be float16"
+    yield (w, [t[0], t[1].int()], s, m, g), r"tallies\[1\] must have dtype"
+    yield (w, [t[0], t[1][:2]], s, m, g), r"tallies\[1\] must have shape"
+    yield (w, t, [s[0], s[1].long()], m, g), r"skipped\[1\] must have dtype"
+    yield (w, t, [s[0], s[1][:3]], m, g), r"skipped\[1\] must have shape"
+    yield (w, t, s, [m[0], m[1][:2]], g), r"moments\[1\] must have shape"
+    yield (w, t, s, [m[0], m[1].half()], g), r"moments\[1\] must have dtype"
+    yield (w, t, s, m, [g[0], g[1][:2]]), r"masters\[1\] must have shape"
+    yield (w, t, s, m, [g[0], g[1].float()]), r"masters\[1\] must have dtype"
+    yield (w, t, s, m, g, 0), "flush_every must be an integer from 1 to 16777216, got 0"
+    yield (w, t, s, m, g, 1 << 25), "flush_every must be an integer from 1 to 16777216"
 
 
-@pytest.mark.parametrize("case", range(9))
+@pytest.mark.parametrize("case", range(14))
 def test_temporal_bad_input_leaves_state(backend, case):
     args, message = list(bad_temporal())[case]
-    state = [x for lst in args[1:] for x in lst]
+    state = [x for lst in args[1:5] for x in lst]
     before = [x.clone() for x in state]
     with pytest.raises(ValueError, match=message):
         call(backend, "temporal_update", *args)
