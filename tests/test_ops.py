@@ -9,13 +9,17 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-from backends import call
+from backends import call, skip_unless_available
 from lrfluct_fast import ops
 from lrfluct_fast.ops import COUNT, M2, MEAN, NONFINITE, POSITIVE, mean_of
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+import long_run  # noqa: E402  the long-run trajectories and their float64 reference
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 SHAPES = [
@@ -206,6 +210,74 @@ def test_temporal_update_backends_agree(backend):
         assert torch.equal(mine[3][ops.MASTER_COUNT], theirs[3][ops.MASTER_COUNT])
         torch.testing.assert_close(mine[2], theirs[2], rtol=1e-5, atol=1e-9, equal_nan=True)
         torch.testing.assert_close(mine[3], theirs[3], rtol=1e-6, atol=1e-12, equal_nan=True)
+
+
+def extreme_trajectory(dtype, steps=24):
+    """Finite values at the edge of `dtype`'s range, as columns: +-max alternating, a first
+    value of 0 then values near max, near -max with a little spread, and a small value
+    jittering beside a huge one (each column one element)."""
+    g = torch.Generator().manual_seed(5)
+    big = torch.finfo(dtype).max if dtype != torch.float64 else 1e150
+    t = torch.arange(steps, dtype=torch.float64)
+    sign = 1 - 2 * (t % 2)
+    cols = [big * 0.99 * sign,
+            torch.where(t == 0, 0.0, big * (0.5 + 0.4 * torch.rand(steps, generator=g, dtype=torch.float64))),
+            -big * (0.98 + 0.01 * torch.rand(steps, generator=g, dtype=torch.float64)),
+            torch.where(t % 5 == 0, big * 0.7, 0.3 + 1e-3 * torch.randn(steps, generator=g, dtype=torch.float64))]
+    return torch.stack(cols, 1).to(dtype)
+
+
+@pytest.mark.parametrize("flush_every", [ops.FLUSH_EVERY, 4])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_temporal_update_extremes(backend, dtype, flush_every):
+    """Finite values near the dtype's maximum (float32, bf16: +-3.4e38, variance ~1e77) never
+    give an infinite or nan mean or variance; float64 values far from 1 keep their M2."""
+    x = extreme_trajectory(dtype)
+    state = ops.new_state(x[0], ops.moments_dtype(dtype))
+    for row in x:
+        call(backend, "temporal_update", [row], *([t] for t in state), flush_every=flush_every)
+    _, rmean, rvar = ops.temporal_stats_reference(x)
+    count, mean, var = ops.temporal_stats(*state)
+    assert torch.isfinite(mean).all() and torch.isfinite(var).all(), (mean, var)
+    assert (count == len(x)).all()
+    scale = rmean.abs() + rvar.sqrt()  # the mean of +-max alternating is 0: relative to the spread
+    assert ((mean - rmean).abs() <= 1e-6 * scale).all(), (mean, rmean)
+    torch.testing.assert_close(var, rvar, rtol=1e-6, atol=0)
+    if dtype in (torch.float32, torch.bfloat16):  # differences beyond 2^48 left the float32 block
+        assert state[0][ops.ESCAPED] > 0
+
+
+def test_temporal_update_float64_far_values(backend):
+    """float64 values of 1e200 keep their (zero) M2 and exact mean; 1e150 with a spread of
+    1e144 keeps its variance of ~1e288."""
+    x = torch.stack([torch.full((9,), 1e200, dtype=torch.float64),
+                     1e150 + 1e144 * torch.arange(9, dtype=torch.float64)], 1)
+    state = ops.new_state(x[0], torch.float64)
+    for row in x:
+        call(backend, "temporal_update", [row], *([t] for t in state), flush_every=4)
+    _, rmean, rvar = ops.temporal_stats_reference(x)
+    _, mean, var = ops.temporal_stats(*state)
+    assert mean[0] == rmean[0] == 1e200 and var[0] == rvar[0] == 0
+    torch.testing.assert_close(mean, rmean, rtol=1e-15, atol=0)
+    torch.testing.assert_close(var, rvar, rtol=1e-9, atol=0)  # block means round to 2e134
+
+
+LONG_RUN = {"cpp": (1_000_000, None), "torch": (3000, 16), "triton": (300, 8)}  # steps, flush_every
+
+
+def test_temporal_update_long_run(backend):
+    """A weight moving linearly from 0 to 1 over the run, one jittering by 1e-7 of its value
+    and a random walk keep their variance and mean within 1e-5 of float64: 1e6 calls of the
+    C++ kernel (a few seconds), shorter runs with short blocks for the others (bench/long_run.py
+    runs 1e7)."""
+    steps, flush_every = LONG_RUN[backend]
+    skip_unless_available(backend)
+    update = {"cpp": ops.temporal_update, "torch": ops.TORCH_IMPLS["temporal_update"],
+              "triton": ops.TRITON_IMPLS["temporal_update"]}[backend]
+    run = long_run.Run(steps, update, flush_every)
+    run.advance(steps)
+    for kind, (var_err, mean_err) in run.errors().items():
+        assert var_err < 1e-5 and mean_err < 1e-5, (kind, var_err, mean_err)
 
 
 def test_opcheck(backend):

@@ -112,13 +112,17 @@ def upgrade_single_level(tally: torch.Tensor, skipped: torch.Tensor, moments: to
 
 
 def temporal_stats_reference(snapshots: torch.Tensor):
-    """Float64 (count, mean, population var) over dim 0 of stacked snapshots [T, *S]."""
+    """Float64 (count, mean, population var) over dim 0 of stacked snapshots [T, *S]: two
+    passes over the values less each element's first finite one, so a constant 1e200 has
+    variance 0, not the square of the mean's rounding error."""
     x = snapshots.double()
     finite = torch.isfinite(x)
     count = finite.sum(0)
-    mean = torch.where(finite, x, 0).sum(0) / count
-    var = torch.where(finite, x - mean, 0).square().sum(0) / count
-    return count, mean, var
+    first = torch.where(finite, x, 0).gather(0, finite.int().argmax(0, keepdim=True)).squeeze(0)
+    d = torch.where(finite, x - first, 0)
+    mean_d = d.sum(0) / count
+    var = torch.where(finite, d - mean_d, 0).square().sum(0) / count
+    return count, first + mean_d, var
 
 
 def temporal_counts(tally: torch.Tensor, skipped: torch.Tensor) -> torch.Tensor:
