@@ -2,7 +2,7 @@
 
     python bench/long_run.py --steps 10000000               # soak: errors after 1e7 steps
     python bench/long_run.py --steps 1000000 --checkpoints 10000,100000,1000000
-    python bench/long_run.py --cost                         # time per step on 1M float32 elements
+    python bench/long_run.py --cost                         # time per step, 16M float32 elements
 
 The op is called directly (ops.temporal_update, the dispatched kernel: C++ on CPU tensors;
 --backend torch for the plain-torch implementation), once per step, on a small float32 tensor
@@ -13,9 +13,9 @@ exactly from the same float32 values, chunk by chunk (two passes, pairwise float
   plus 1e-3 relative;
 - walk: 0.3 plus a random walk of 1e-5 a step.
 Prints, at each checkpoint, the worst relative error of the variance and of the mean over the
-elements of each kind against float64. --cost times one call on a 1M-element tensor (steady
-state, medians of repeats) and prints the bytes a step moves per element as the op's docstring
-states them.
+elements of each kind against float64. --cost times one call on a 16M-element tensor (steady
+state, medians of repeats, one thread: this machine's 2 cores are shared) and prints the
+bandwidth at the 24 bytes an element the op's docstring states.
 """
 from __future__ import annotations
 
@@ -112,11 +112,14 @@ def soak(steps: int, checkpoints: list[int], backend: str, flush_every: int | No
               + f" | {time.perf_counter() - t0:.0f} |", flush=True)
 
 
-def cost(numel: int = 1 << 20, calls: int = 200, repeats: int = 7) -> None:
+def cost(numel: int, threads: int, calls: int = 20, repeats: int = 7) -> None:
+    """Median time of one call on `numel` float32 elements in steady state (clean, inside a
+    block; the block starts that fall in the timed calls included)."""
+    torch.set_num_threads(threads)
     g = torch.Generator().manual_seed(0)
     values = [0.3 + 1e-5 * torch.randn(numel, generator=g) for _ in range(4)]
     state = [[t] for t in ops.new_state(values[0])]
-    for i in range(calls):  # past the first block boundaries
+    for i in range(calls):
         ops.temporal_update([values[i % 4]], *state)
     times = []
     for _ in range(repeats):
@@ -125,9 +128,10 @@ def cost(numel: int = 1 << 20, calls: int = 200, repeats: int = 7) -> None:
             ops.temporal_update([values[i % 4]], *state)
         times.append((time.perf_counter() - t) / calls)
     per_call = statistics.median(times)
-    print(f"temporal_update on {numel} float32 elements, {torch.get_num_threads()} threads: "
-          f"{per_call * 1e6:.1f} us a step, {per_call / numel * 1e9:.3f} ns an element "
-          f"(state bytes per element: {sum(t[0].nbytes for t in state) / numel:.1f})")
+    print(f"temporal_update on {numel} float32 elements, {threads} thread(s): "
+          f"{per_call * 1e3:.2f} ms a step, {per_call / numel * 1e9:.3f} ns an element, "
+          f"{24 * numel / per_call / 1e9:.1f} GB/s at 24 bytes an element "
+          f"(state: {sum(t[0].nbytes for t in state) / numel:.0f} bytes an element)")
 
 
 def main() -> None:
@@ -138,9 +142,11 @@ def main() -> None:
     p.add_argument("--flush-every", type=int, default=None,
                    help="calls per float32 block (default: the op's FLUSH_EVERY)")
     p.add_argument("--cost", action="store_true", help="time a step instead of the soak")
+    p.add_argument("--numel", type=int, default=1 << 24, help="elements timed by --cost")
+    p.add_argument("--threads", type=int, default=1, help="torch threads for --cost")
     a = p.parse_args()
     if a.cost:
-        cost()
+        cost(a.numel, a.threads)
         return
     soak(a.steps, [int(float(c)) for c in a.checkpoints.split(",") if c], a.backend, a.flush_every)
 
