@@ -90,7 +90,8 @@ def launch_config(op: str, device: torch.device, **size) -> dict:
         enough programs for ~4 per SM (interpreter: ~4 in all, so the cross-chunk merge still
         runs); COMBINE_BLOCK columns per program of the kernel that merges the chunks.
     merge_stats(cols), temporal_update(): BLOCK elements per step; temporal_update's
-        programs each own CHUNK consecutive elements of one tensor.
+        programs each own CHUNK consecutive elements of one tensor, and update their float64
+        masters MASTER_BLOCK elements at a time.
     """
     interp = INTERPRET
     warps = 4
@@ -124,5 +125,9 @@ def launch_config(op: str, device: torch.device, **size) -> dict:
         # 8 warps: 4 elements a thread keeps registers near 80 (the pointers are int64).
         # Interpreter: numpy ops on 16K elements cost little more than on 4K, and there are 4x fewer.
         block = 16384 if interp else 1024
-        return dict(BLOCK=block, CHUNK=block if interp else 16 * block, num_warps=8)
+        # The float64 master, touched once a block or for a rare escaping value: one element a
+        # thread (at 4 a thread its loops took 228 registers on sm_90, the common loop 88).
+        master_block = block if interp else block // 4
+        return dict(BLOCK=block, MASTER_BLOCK=master_block, CHUNK=block if interp else 16 * block,
+                    num_warps=8)
     raise KeyError(op)

@@ -192,11 +192,34 @@ if triton is not None:
         return n, mean_a + delta * w, m2_a + m2_b + delta * (n_a * w) * delta
 
     @triton.jit
+    def _held(Skipped, G, e, ok, dirty, calls, in_block, numel):  # each element's block count
+        skip = tl.load(Skipped + e, mask=ok & dirty, other=0)  # no load while clean
+        closed = tl.load(G + 2 * numel + e, mask=ok & dirty, other=0.0).to(tl.int64)
+        return tl.where(dirty, calls - skip - closed, in_block), skip
+
+    @triton.jit
+    def _into_master(M, G, e, to_master, held, numel, v, escape):
+        """The block of `held` values into the master, then v where `escape`; the block emptied."""
+        shift = tl.load(M + 2 * numel + e, mask=to_master, other=0.0).to(tl.float64)
+        mean = tl.load(M + e, mask=to_master, other=0.0).to(tl.float64)
+        m2 = tl.load(M + numel + e, mask=to_master, other=0.0).to(tl.float64)
+        g_mean = tl.load(G + e, mask=to_master, other=0.0)
+        g_m2 = tl.load(G + numel + e, mask=to_master, other=0.0)
+        g_n = tl.load(G + 2 * numel + e, mask=to_master, other=0.0)
+        g_n, g_mean, g_m2 = _chan(g_n, g_mean, g_m2, held.to(tl.float64), shift + mean, m2)
+        g_n, g_mean, g_m2 = _chan(g_n, g_mean, g_m2, escape.to(tl.float64), v.to(tl.float64), 0.0)
+        tl.store(G + e, g_mean, mask=to_master)
+        tl.store(G + numel + e, g_m2, mask=to_master)
+        tl.store(G + 2 * numel + e, g_n, mask=to_master)
+        tl.store(M + e, tl.zeros_like(mean).to(M.dtype.element_ty), mask=to_master)
+        tl.store(M + numel + e, tl.zeros_like(m2).to(M.dtype.element_ty), mask=to_master)
+
+    @triton.jit
     def _temporal_update_kernel(
         Tasks,  # [T, 7] int64: value, skipped, moments, tally, master addresses, numel, first element
         flush_every,  # calls per block
         VALUE: tl.constexpr, STATE: tl.constexpr, ACC: tl.constexpr, ESCAPE_ABOVE: tl.constexpr,
-        BLOCK: tl.constexpr, CHUNK: tl.constexpr,
+        BLOCK: tl.constexpr, MASTER_BLOCK: tl.constexpr, CHUNK: tl.constexpr,
     ):
         task = Tasks + tl.program_id(0).to(tl.int64) * 7
         V = tl.load(task).to(tl.pointer_type(VALUE))              # [numel] values
@@ -209,12 +232,22 @@ if triton is not None:
         end = tl.minimum(start + CHUNK, numel)
         calls = tl.load(Tally)  # this launch's calls; the count launch after it adds one
         in_block = calls - tl.load(Tally + 3)
-        opens = in_block >= flush_every  # this call closes every block and opens new ones
-        opening = tl.zeros([BLOCK], dtype=tl.int64) + in_block >= flush_every  # opens, as a block
         # Another program of this launch may raise SKIPPED or ESCAPED meanwhile: then this one
         # reads the per-element counts it would otherwise take as equal, which is right either way.
         irregular = tl.load(Tally + 1) + tl.load(Tally + 2)
-        dirty = tl.zeros([BLOCK], dtype=tl.int64) + irregular > 0  # a block: masks want one
+        dirty = tl.zeros([BLOCK], dtype=tl.int64) + irregular > 0  # masks want blocks
+        opening = tl.zeros([BLOCK], dtype=tl.int64) + in_block >= flush_every
+        # The master's work runs in loops of their own over MASTER_BLOCK elements at a time, so
+        # neither its float64 values nor its pointers raise the common loop's registers.
+        if in_block >= flush_every:  # this call closes every block into the master, opens new ones
+            dirty_m = tl.zeros([MASTER_BLOCK], dtype=tl.int64) + irregular > 0
+            for e0 in range(start, end, MASTER_BLOCK):
+                e = e0 + tl.arange(0, MASTER_BLOCK)
+                ok = e < end
+                held, _ = _held(Skipped, G, e, ok, dirty_m, calls, in_block, numel)
+                no_value = e < 0  # nothing escapes on a block start: every block is empty
+                _into_master(M, G, e, ok & (held > 0), held, numel,
+                             tl.zeros([MASTER_BLOCK], dtype=ACC), no_value)
         bad = tl.zeros([BLOCK], dtype=tl.int32)
         escaped = tl.zeros([BLOCK], dtype=tl.int32)
         for e0 in range(start, end, BLOCK):
@@ -223,49 +256,43 @@ if triton is not None:
             v = tl.load(V + e, mask=ok, other=0.0).to(ACC)
             finite = ok & (tl.abs(v) < float("inf"))  # false for NaN and +-Inf
             v = tl.where(finite, v, 0.0)  # skipped values must not make inf - inf below
-            skip = tl.load(Skipped + e, mask=ok & dirty, other=0)  # no load while clean
-            closed = tl.load(G + 2 * numel + e, mask=ok & dirty, other=0.0).to(tl.int64)
-            held = tl.where(dirty, calls - skip - closed, in_block)  # the block's count
-            shift_old = tl.load(M + 2 * numel + e, mask=ok & (held > 0), other=0.0)
-            mean_old = tl.load(M + e, mask=ok, other=0.0).to(ACC)
-            m2_old = tl.load(M + numel + e, mask=ok, other=0.0).to(ACC)
-            count = tl.where(opening, 0, held)
-            mean_b = tl.where(opening, 0.0, mean_old)
-            m2_b = tl.where(opening, 0.0, m2_old)
-            first = finite & (count == 0)
-            shift = tl.where(first, v.to(STATE), shift_old)
+            held, skip = _held(Skipped, G, e, ok, dirty, calls, in_block, numel)
+            held = tl.where(opening, 0, held)
+            shift = tl.load(M + 2 * numel + e, mask=ok & (held > 0), other=0.0)
+            mean_old = tl.load(M + e, mask=ok & (held > 0), other=0.0).to(ACC)
+            first = finite & (held == 0)
+            shift = tl.where(first, v.to(STATE), shift)
             d = v - shift.to(ACC)  # small: weights move slowly
-            escape = finite & (count > 0) & ~((tl.abs(d) <= ESCAPE_ABOVE) & (d - d == 0.0))
-            to_master = ok & ((opening & (held > 0)) | escape)
-            if opens | (tl.max(escape.to(tl.int32), axis=0) > 0):  # once a block, or rare
-                g_mean = tl.load(G + e, mask=to_master, other=0.0)
-                g_m2 = tl.load(G + numel + e, mask=to_master, other=0.0)
-                g_n = tl.load(G + 2 * numel + e, mask=to_master, other=0.0)
-                g_n, g_mean, g_m2 = _chan(g_n, g_mean, g_m2, held.to(tl.float64),
-                                          shift_old.to(tl.float64) + mean_old.to(tl.float64),
-                                          m2_old.to(tl.float64))
-                g_n, g_mean, g_m2 = _chan(g_n, g_mean, g_m2, escape.to(tl.float64),
-                                          v.to(tl.float64), 0.0)
-                tl.store(G + e, g_mean, mask=to_master)
-                tl.store(G + numel + e, g_m2, mask=to_master)
-                tl.store(G + 2 * numel + e, g_n, mask=to_master)
-            join = finite & ~escape
-            delta = d - mean_b
-            mean_new = mean_b + delta / (count + 1).to(ACC)
-            m2_new = m2_b + delta * (d - mean_new)
-            mean_new = tl.where(join, mean_new, tl.where(escape, 0.0, mean_b))
-            m2_new = tl.where(join, m2_new, tl.where(escape, 0.0, m2_b))
-            changed = finite | (ok & opening)
-            tl.store(M + e, mean_new.to(STATE), mask=changed)
-            tl.store(M + numel + e, m2_new.to(STATE), mask=changed)
+            escape = finite & (held > 0) & ~((tl.abs(d) <= ESCAPE_ABOVE) & (d - d == 0.0))
+            join = finite & ~escape  # an escaping value is handled below, with the master
+            delta = d - mean_old
+            mean_new = mean_old + delta / (held + 1).to(ACC)
+            m2 = tl.load(M + numel + e, mask=ok & (held > 0), other=0.0).to(ACC) + delta * (d - mean_new)
+            tl.store(M + e, mean_new.to(STATE), mask=join)
+            tl.store(M + numel + e, m2.to(STATE), mask=join)
             tl.store(M + 2 * numel + e, shift, mask=first)
             skipped_now = ok & ~finite
             tl.store(Skipped + e, skip + 1, mask=skipped_now)
             bad += skipped_now.to(tl.int32)
             escaped += escape.to(tl.int32)
+        n_escaped = tl.sum(escaped, axis=0).to(tl.int64)
+        if n_escaped > 0:  # rare: values too far from their block's shift go to the master
+            dirty_m = tl.zeros([MASTER_BLOCK], dtype=tl.int64) + irregular > 0
+            for e0 in range(start, end, MASTER_BLOCK):
+                e = e0 + tl.arange(0, MASTER_BLOCK)
+                ok = e < end
+                v = tl.load(V + e, mask=ok, other=0.0).to(ACC)
+                finite = ok & (tl.abs(v) < float("inf"))
+                v = tl.where(finite, v, 0.0)
+                # as above (no block start here: it empties every block, and nothing escapes an
+                # empty block); escaping elements were left as they were
+                held, _ = _held(Skipped, G, e, ok, dirty_m, calls, in_block, numel)
+                shift = tl.load(M + 2 * numel + e, mask=ok & (held > 0), other=0.0).to(ACC)
+                d = v - shift
+                escape = finite & (held > 0) & ~((tl.abs(d) <= ESCAPE_ABOVE) & (d - d == 0.0))
+                _into_master(M, G, e, escape, held, numel, v, escape)
         n_bad = tl.sum(bad, axis=0).to(tl.int64)
         tl.atomic_add(Tally + 1, n_bad, mask=n_bad > 0)
-        n_escaped = tl.sum(escaped, axis=0).to(tl.int64)
         tl.atomic_add(Tally + 2, n_escaped, mask=n_escaped > 0)
 
     @triton.jit
@@ -344,7 +371,8 @@ def temporal_update_triton(values, tallies, skipped, moments, masters,
             _temporal_update_kernel[(n_tasks,)](
                 table, flush_every, VALUE=tcfg.triton_type(v_dtype), STATE=tcfg.triton_type(m_dtype),
                 ACC=tl.float64 if wide else tl.float32, ESCAPE_ABOVE=ESCAPE_ABOVE[m_dtype],
-                BLOCK=cfg["BLOCK"], CHUNK=cfg["CHUNK"], num_warps=cfg["num_warps"])
+                BLOCK=cfg["BLOCK"], MASTER_BLOCK=cfg["MASTER_BLOCK"], CHUNK=cfg["CHUNK"],
+                num_warps=cfg["num_warps"])
         _count_call_kernel[(len(tallies),)](calls, flush_every)
     del keep
 
