@@ -13,7 +13,8 @@ of a float32 Welford update:
   (chan.py) on the call that starts the next block, once per `flush_every` calls (the
   tensor's call counter says when, the same call for every element), and restarted there.
 A weight moving from 0 to 1 over 1e7 calls, or jittering by 1e-7 of its value, keeps its
-variance within 1e-5 of float64 (bench/long_run.py; today's single float32 level: 5.7e-2).
+variance within 1e-5 of float64 (bench/long_run.py: 6e-11 and 2e-8; a single float32 level:
+5.7e-2 and 2.6e-2).
 
 Values the block cannot hold escape to the master: a finite v with |v - s| above
 ESCAPE_ABOVE (2^48 in float32: its square times a block's calls would overflow float32; in
