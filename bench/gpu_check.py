@@ -93,11 +93,11 @@ def kernels(device, smoke):
                      f"{copy_gbs:.0f} | {op_gbs / copy_gbs:.0%} |")
     shapes = gpt2_medium_parameter_shapes(*((8, 2, 50, 16) if smoke else ()))
     values = [torch.randn(s, device=device) for s in shapes]
-    tallies, skipped, moments = (list(x) for x in zip(*(ops.new_state(v) for v in values)))
+    state = [list(x) for x in zip(*(ops.new_state(v) for v in values))]
     copies = [torch.empty_like(v) for v in values]
     numel = sum(v.numel() for v in values)
     t_copy = _event_time(lambda: torch._foreach_copy_(copies, values), device)
-    t_op = _event_time(lambda: ops.temporal_update(values, tallies, skipped, moments), device)
+    t_op = _event_time(lambda: ops.temporal_update(values, *state), device)
     copy_gbs, op_gbs = 8 * numel / t_copy / 1e9, 24 * numel / t_op / 1e9  # 24 B/element, steady
     worst_update = op_gbs / copy_gbs
     lines.append(f"| GPT-2-medium parameters ({len(values)} tensors, {numel / 1e6:.0f}M) fp32 | "

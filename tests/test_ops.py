@@ -9,13 +9,17 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-from backends import call
+from backends import call, skip_unless_available
 from lrfluct_fast import ops
 from lrfluct_fast.ops import COUNT, M2, MEAN, NONFINITE, POSITIVE, mean_of
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+import long_run  # noqa: E402  the long-run trajectories and their float64 reference
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 SHAPES = [
@@ -247,24 +251,125 @@ def temporal_trajectories(dtype, steps):
     return trajectories
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_temporal_update(backend, dtype):
+TEMPORAL_CASES = ([(dtype, ops.FLUSH_EVERY) for dtype in DTYPES]
+                  + [(torch.float32, 4), (torch.float64, 4), (torch.bfloat16, 1)])
+
+
+@pytest.mark.parametrize("dtype, flush_every", TEMPORAL_CASES, ids=str)
+def test_temporal_update(backend, dtype, flush_every):
+    """Every element's (count, mean, var) against float64, with blocks longer than the run
+    (the float32 block alone), of 4 calls (block starts mid-run, among skipped values) and of
+    1 (every value through the master)."""
     steps = 25
     trajectories = temporal_trajectories(dtype, steps)
     state_dtype = ops.moments_dtype(dtype)
     states = [ops.new_state(t[0], state_dtype) for t in trajectories]
     for step in range(steps):
-        call(backend, "temporal_update", [t[step] for t in trajectories], *zip(*states))
+        call(backend, "temporal_update", [t[step] for t in trajectories], *zip(*states),
+             flush_every=flush_every)
     for t, state in zip(trajectories, states):
         rcount, rmean, rvar = ops.temporal_stats_reference(t)
         count, mean, var = ops.temporal_stats(*state)
-        tally, skipped, _ = state
-        assert tally.tolist() == [steps, int((steps - rcount).sum())]
+        tally, _, _, master = state
+        closed = steps - 1 - (steps - 1) % flush_every  # the call that opened the last block
+        assert tally.tolist() == [steps, int((steps - rcount).sum()), 0, closed]
         assert torch.equal(count, rcount)
         seen = rcount > 0
-        torch.testing.assert_close(mean.double()[seen], rmean[seen], rtol=1e-6, atol=0)
+        assert (master[ops.MASTER_COUNT] <= count).all()
+        torch.testing.assert_close(mean[seen], rmean[seen], rtol=1e-6, atol=0)
         # the fluctuation variance (~1e-10) itself must be right, not just tiny
-        torch.testing.assert_close(var.double()[seen], rvar[seen], rtol=1e-4, atol=0)
+        torch.testing.assert_close(var[seen], rvar[seen], rtol=1e-4, atol=0)
+
+
+def test_temporal_update_backends_agree(backend):
+    """Every backend keeps the same state layout: the same counts, block starts and master
+    counts as the plain-torch one's, the statistics within rounding."""
+    if backend == "torch":
+        pytest.skip("compares a backend with the torch one")
+    trajectories = temporal_trajectories(torch.float32, 11)
+    runs = {}
+    for name in ("torch", backend):
+        states = [ops.new_state(t[0]) for t in trajectories]
+        for step in range(11):
+            call(name, "temporal_update", [t[step] for t in trajectories], *zip(*states),
+                 flush_every=3)
+        runs[name] = states
+    for mine, theirs in zip(runs[backend], runs["torch"]):
+        assert torch.equal(mine[0], theirs[0]) and torch.equal(mine[1], theirs[1])
+        assert torch.equal(mine[3][ops.MASTER_COUNT], theirs[3][ops.MASTER_COUNT])
+        torch.testing.assert_close(mine[2], theirs[2], rtol=1e-5, atol=1e-9, equal_nan=True)
+        torch.testing.assert_close(mine[3], theirs[3], rtol=1e-6, atol=1e-12, equal_nan=True)
+
+
+def extreme_trajectory(dtype, steps=24):
+    """Finite values at the edge of `dtype`'s range, as columns: +-max alternating, a first
+    value of 0 then values near max, near -max with a little spread, and a small value
+    jittering beside a huge one (each column one element)."""
+    g = torch.Generator().manual_seed(5)
+    big = torch.finfo(dtype).max if dtype != torch.float64 else 1e150
+    t = torch.arange(steps, dtype=torch.float64)
+    sign = 1 - 2 * (t % 2)
+    cols = [big * 0.99 * sign,
+            torch.where(t == 0, 0.0, big * (0.5 + 0.4 * torch.rand(steps, generator=g, dtype=torch.float64))),
+            -big * (0.98 + 0.01 * torch.rand(steps, generator=g, dtype=torch.float64)),
+            torch.where(t % 5 == 0, big * 0.7, 0.3 + 1e-3 * torch.randn(steps, generator=g, dtype=torch.float64))]
+    return torch.stack(cols, 1).to(dtype)
+
+
+# Triton's interpreter computes the differences that overflow (then escape) with numpy, which warns
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning",
+                            "ignore:invalid value encountered:RuntimeWarning")
+@pytest.mark.parametrize("flush_every", [ops.FLUSH_EVERY, 4])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_temporal_update_extremes(backend, dtype, flush_every):
+    """Finite values near the dtype's maximum (float32, bf16: +-3.4e38, variance ~1e77) never
+    give an infinite or nan mean or variance; float64 values far from 1 keep their M2."""
+    x = extreme_trajectory(dtype)
+    state = ops.new_state(x[0], ops.moments_dtype(dtype))
+    for row in x:
+        call(backend, "temporal_update", [row], *([t] for t in state), flush_every=flush_every)
+    _, rmean, rvar = ops.temporal_stats_reference(x)
+    count, mean, var = ops.temporal_stats(*state)
+    assert torch.isfinite(mean).all() and torch.isfinite(var).all(), (mean, var)
+    assert (count == len(x)).all()
+    scale = rmean.abs() + rvar.sqrt()  # the mean of +-max alternating is 0: relative to the spread
+    assert ((mean - rmean).abs() <= 1e-6 * scale).all(), (mean, rmean)
+    torch.testing.assert_close(var, rvar, rtol=1e-6, atol=0)
+    if dtype in (torch.float32, torch.bfloat16):  # differences beyond 2^48 left the float32 block
+        assert state[0][ops.ESCAPED] > 0
+
+
+def test_temporal_update_float64_far_values(backend):
+    """float64 values of 1e200 keep their (zero) M2 and exact mean; 1e150 with a spread of
+    1e144 keeps its variance of ~1e288."""
+    x = torch.stack([torch.full((9,), 1e200, dtype=torch.float64),
+                     1e150 + 1e144 * torch.arange(9, dtype=torch.float64)], 1)
+    state = ops.new_state(x[0], torch.float64)
+    for row in x:
+        call(backend, "temporal_update", [row], *([t] for t in state), flush_every=4)
+    _, rmean, rvar = ops.temporal_stats_reference(x)
+    _, mean, var = ops.temporal_stats(*state)
+    assert mean[0] == rmean[0] == 1e200 and var[0] == rvar[0] == 0
+    torch.testing.assert_close(mean, rmean, rtol=1e-15, atol=0)
+    torch.testing.assert_close(var, rvar, rtol=1e-9, atol=0)  # block means round to 2e134
+
+
+LONG_RUN = {"cpp": (1_000_000, None), "torch": (3000, 16), "triton": (300, 8)}  # steps, flush_every
+
+
+def test_temporal_update_long_run(backend):
+    """A weight moving linearly from 0 to 1 over the run, one jittering by 1e-7 of its value
+    and a random walk keep their variance and mean within 1e-5 of float64: 1e6 calls of the
+    C++ kernel (a few seconds), shorter runs with short blocks for the others (bench/long_run.py
+    runs 1e7)."""
+    steps, flush_every = LONG_RUN[backend]
+    skip_unless_available(backend)
+    update = {"cpp": ops.temporal_update, "torch": ops.TORCH_IMPLS["temporal_update"],
+              "triton": ops.TRITON_IMPLS["temporal_update"]}[backend]
+    run = long_run.Run(steps, update, flush_every)
+    run.advance(steps)
+    for kind, (var_err, mean_err) in run.errors().items():
+        assert var_err < 1e-5 and mean_err < 1e-5, (kind, var_err, mean_err)
 
 
 def test_opcheck(backend):
@@ -282,6 +387,7 @@ def test_opcheck(backend):
     w = [torch.randn(4, 3), torch.randn(5)]
     st = [ops.new_state(v) for v in w]
     torch.library.opcheck(torch.ops.lrfluct.temporal_update.default, (w, *map(list, zip(*st))))
+    torch.library.opcheck(torch.ops.lrfluct.temporal_update.default, (w, *map(list, zip(*st)), 2))
 
 
 def test_compile():
@@ -336,22 +442,27 @@ def test_merge_bad_input_leaves_state(backend, case):
 
 def bad_temporal():
     w = [torch.randn(3, 2), torch.randn(4)]
-    t, s, m = map(list, zip(*[ops.new_state(v) for v in w]))
-    yield ([], [], [], []), "values must be a non-empty list"
-    yield (w, t, s[:1], m), "same length"
-    yield ([w[0], w[1].long()], t, s, m), r"values\[1\] must be float16"
-    yield (w, [t[0], t[1].int()], s, m), r"tallies\[1\] must have dtype"
-    yield (w, [t[0], t[1][:1]], s, m), r"tallies\[1\] must have shape"
-    yield (w, t, [s[0], s[1].long()], m), r"skipped\[1\] must have dtype"
-    yield (w, t, [s[0], s[1][:3]], m), r"skipped\[1\] must have shape"
-    yield (w, t, s, [m[0], m[1][:2]]), r"moments\[1\] must have shape"
-    yield (w, t, s, [m[0], m[1].half()]), r"moments\[1\] must have dtype"
+    t, s, m, g = map(list, zip(*[ops.new_state(v) for v in w]))
+    yield ([], [], [], [], []), "values must be a non-empty list"
+    yield (w, t, s[:1], m, g), "same length"
+    yield (w, t, s, m, g[:1]), "same length"
+    yield ([w[0], w[1].long()], t, s, m, g), r"values\[1\] must be float16"
+    yield (w, [t[0], t[1].int()], s, m, g), r"tallies\[1\] must have dtype"
+    yield (w, [t[0], t[1][:2]], s, m, g), r"tallies\[1\] must have shape"
+    yield (w, t, [s[0], s[1].long()], m, g), r"skipped\[1\] must have dtype"
+    yield (w, t, [s[0], s[1][:3]], m, g), r"skipped\[1\] must have shape"
+    yield (w, t, s, [m[0], m[1][:2]], g), r"moments\[1\] must have shape"
+    yield (w, t, s, [m[0], m[1].half()], g), r"moments\[1\] must have dtype"
+    yield (w, t, s, m, [g[0], g[1][:2]]), r"masters\[1\] must have shape"
+    yield (w, t, s, m, [g[0], g[1].float()]), r"masters\[1\] must have dtype"
+    yield (w, t, s, m, g, 0), "flush_every must be an integer from 1 to 16777216, got 0"
+    yield (w, t, s, m, g, 1 << 25), "flush_every must be an integer from 1 to 16777216"
 
 
-@pytest.mark.parametrize("case", range(9))
+@pytest.mark.parametrize("case", range(14))
 def test_temporal_bad_input_leaves_state(backend, case):
     args, message = list(bad_temporal())[case]
-    state = [x for lst in args[1:] for x in lst]
+    state = [x for lst in args[1:5] for x in lst]
     before = [x.clone() for x in state]
     with pytest.raises(ValueError, match=message):
         call(backend, "temporal_update", *args)

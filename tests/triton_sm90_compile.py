@@ -97,7 +97,7 @@ def _args(op: str, spec: dict):
         dtype, state = getattr(torch, spec["dtype"]), getattr(torch, spec["state"])
         values = [torch.randn(s, generator=g).to(dtype) for s in ((7, 5), (0,), (1000,), (3, 2, 3))]
         # The op's arguments after `values` are the state tensors that ops.new_state makes, in
-        # its order, one list each: (counts, moments) or (tally, skipped, moments).
+        # its order, one list each: (counts, moments) or (tally, skipped, moments, master).
         states = [ops.new_state(v, state) for v in values]
         return (values, *(list(col) for col in zip(*states)))
     raise KeyError(op)

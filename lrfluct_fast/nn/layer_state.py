@@ -15,7 +15,7 @@ from torch import nn
 from .. import _backend, ops
 from ..layers import LayerKind, parameter_value
 
-TEMPORAL_PARTS = ("tally", "skipped", "moments")  # buffer names of a temporal state (ops.new_state)
+TEMPORAL_PARTS = ("tally", "skipped", "moments", "master")  # buffer names of a temporal state (ops.new_state)
 
 
 def _functorch_active() -> bool:
@@ -327,10 +327,21 @@ class LayerState:
         self.weight_shared_with = owner.name
 
     def temporal_state(self, kind: str) -> list[torch.Tensor]:
-        """The (tally, skipped, moments) buffers of "weight" or "bias"."""
+        """The (tally, skipped, moments, master) buffers of "weight" or "bias"."""
         return [self.buffers[f"{kind}.{part}"] for part in TEMPORAL_PARTS]
 
     # -- state ------------------------------------------------------------------------------
+    @staticmethod
+    def upgrade_single_level(saved: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Buffers saved before the temporal state had a master (state_dict version 2), in
+        this layout: each single-level temporal state becomes an open block."""
+        out = dict(saved)
+        for kind in ("weight", "bias"):
+            if f"{kind}.tally" in saved and f"{kind}.master" not in saved:
+                parts = ops.upgrade_single_level(*(saved[f"{kind}.{p}"] for p in TEMPORAL_PARTS[:3]))
+                out.update(zip((f"{kind}.{p}" for p in TEMPORAL_PARTS), parts))
+        return out
+
     def merge(self, kind: str, stats) -> None:
         if stats[0] is not None and self.track[kind]:
             ops.merge_stats(self.buffers[f"{kind}.counts"], self.buffers[f"{kind}.moments"], *stats)

@@ -48,8 +48,9 @@ def check_float_input(name: str, x: torch.Tensor) -> None:
 
 
 def neuron_view(x: torch.Tensor, dim: int) -> torch.Tensor:
-    """x as [B, N, S] with its dim `dim` (N neurons) in the middle: a view where the layout
-    allows (any contiguous tensor), so an op reads a conv output in place."""
+    """x as [B, N, S] with its dim `dim` (N neurons) in the middle ([B, N] when nothing follows
+    it): a view where the layout allows (any contiguous tensor), so an op reads a conv output
+    in place."""
     dim = dim % x.dim()
     shape = x.shape
     before = 1
@@ -58,6 +59,8 @@ def neuron_view(x: torch.Tensor, dim: int) -> torch.Tensor:
     after = 1
     for s in shape[dim + 1:]:
         after *= s
+    if after == 1:
+        return x.reshape(before, shape[dim])
     return x.reshape(before, shape[dim], after)
 
 

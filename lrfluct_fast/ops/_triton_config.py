@@ -95,7 +95,8 @@ def launch_config(op: str, device: torch.device, **size) -> dict:
         per SM (interpreter: ~4 in all, so the cross-chunk merge still runs); the combine
         kernel reduces [C_BLOCK, COLS] partials (all chunks of COLS neurons) per program.
     merge_stats(cols), temporal_update(): BLOCK elements per step; temporal_update's
-        programs each own CHUNK consecutive elements of one tensor.
+        programs each own CHUNK consecutive elements of one tensor, and update their float64
+        masters MASTER_BLOCK elements at a time.
     """
     interp = INTERPRET
     warps = 4
@@ -123,7 +124,8 @@ def launch_config(op: str, device: torch.device, **size) -> dict:
         tiles_per_chunk = _cdiv(tiles, chunks)
         chunks = _cdiv(tiles, tiles_per_chunk)
         c_block = _pow2(chunks)  # the combine kernel reduces every chunk of its neurons at once
-        combine_cols = max(1, min(_pow2(cols), (16384 if interp else 1024) // c_block))
+        # 512 partials a program: 4 a thread, 110 registers on sm_90 (1024: 135)
+        combine_cols = max(1, min(_pow2(cols), (16384 if interp else 512) // c_block))
         # 8 warps: 8 elements of a tile a thread, each with its (count, mean, M2, positive):
         # 70-124 registers on sm_90 at the shapes of tests/triton_sm90_compile.py (4 warps: 143)
         return dict(BLOCK_R=block_r, BLOCK_N=block_n, col_blocks=col_blocks, chunks=chunks,
@@ -136,6 +138,11 @@ def launch_config(op: str, device: torch.device, **size) -> dict:
     if op == "temporal_update":
         # GPU: 16 steps of 1024 per program, so a 10M-parameter model still makes ~600 programs.
         # 8 warps: 4 elements a thread keeps registers near 80 (the pointers are int64).
-        block = 4096 if interp else 1024
-        return dict(BLOCK=block, CHUNK=block if interp else 16 * block, num_warps=8)
+        # Interpreter: numpy ops on 16K elements cost little more than on 4K, and there are 4x fewer.
+        block = 16384 if interp else 1024
+        # The float64 master, touched once a block or for a rare escaping value: one element a
+        # thread (at 4 a thread its loops took 228 registers on sm_90, the common loop 88).
+        master_block = block if interp else block // 4
+        return dict(BLOCK=block, MASTER_BLOCK=master_block, CHUNK=block if interp else 16 * block,
+                    num_warps=8)
     raise KeyError(op)
