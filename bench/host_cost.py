@@ -10,7 +10,9 @@
   update itself moves next to nothing;
 - the Triton temporal_update launch path on GPT-2-medium's real parameter shapes (355M
   elements, CPU tensors), its two kernels stubbed out: the host work a GPU step would pay
-  (argument checks, task tables), without a GPU.
+  (argument checks, task tables), without a GPU;
+- the Triton statistics launch path of one layer per step (forward batch_stats, backward
+  accumulate_stats), its kernels stubbed out.
 Prints a markdown table; every number is measured in this run.
 """
 from __future__ import annotations
@@ -124,6 +126,36 @@ def triton_launch_cost(repeats=20):
         tu._temporal_update_kernel, tu._count_call_kernel = kernels
 
 
+def triton_layer_cost(repeats=200):
+    """Host seconds of one layer's Triton statistics per step, kernels stubbed: the forward's
+    batch_stats and the backward's accumulate_stats (with the pending batch), on a [4096, 1024]
+    output (the sizes do not matter: nothing is read)."""
+    bs = importlib.import_module("lrfluct_fast.ops.batch_stats")
+    acc = importlib.import_module("lrfluct_fast.ops.accumulate_stats")
+    if bs.triton is None:
+        return None
+    kernels = bs._batch_stats_chunk_kernel, bs._batch_stats_combine_kernel
+    bs._batch_stats_chunk_kernel = bs._batch_stats_combine_kernel = _NoLaunch()
+    try:
+        z = torch.empty(4096, 1024)
+        act = torch.zeros(3, 1024, dtype=torch.int64), torch.zeros(3, 1024, dtype=torch.float64)
+        grad = torch.zeros(3, 1024, dtype=torch.int64), torch.zeros(3, 1024, dtype=torch.float64)
+
+        def layer_step():
+            pending = bs.batch_stats_triton(z)
+            acc.accumulate_stats_triton(z, *grad, *pending, *act)
+        for _ in range(repeats // 10):
+            layer_step()
+        times = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            layer_step()
+            times.append(time.perf_counter() - t)
+        return statistics.median(times)
+    finally:
+        bs._batch_stats_chunk_kernel, bs._batch_stats_combine_kernel = kernels
+
+
 def main() -> None:
     torch.set_num_threads(1)
     p, i, per_layer = fixed_cost_per_layer()
@@ -144,6 +176,9 @@ def main() -> None:
         print(f"| Triton temporal_update launch path, GPT-2-medium's {n} tensors: first call | "
               f"{first * 1e3:.1f} ms |")
         print(f"| same, later calls (per tensor) | {later * 1e6:.0f} us ({later / n * 1e6:.2f} us) |")
+        layer = triton_layer_cost()
+        print(f"| Triton statistics launch path per layer per step (forward batch_stats + "
+              f"backward accumulate_stats, 4 launches, stubbed) | {layer * 1e6:.0f} us |")
 
 
 if __name__ == "__main__":

@@ -79,12 +79,47 @@ def _pow2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
 
 
-def _cdiv(a: int, b: int) -> int:
+def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
 TILE = 2048        # batch_stats: elements of x per tile on a GPU
 MAX_CHUNKS = 1024  # batch_stats: row chunks at most, so the combine kernel is one tree
+
+
+@functools.lru_cache(maxsize=4096)
+def _batch_stats_config(interp: bool, sms: int, rows: int, cols: int, batch: int, length: int,
+                    rows_contiguous: bool) -> dict:
+    warps = 4
+    if interp:
+        # At most 64 rows a tile, as on a GPU: numpy sums a tile's rows one after another in
+        # float32, so taller tiles would lose precision the GPU's tree reduction does not.
+        block_n = min(512, _pow2(cols))
+        block_r = min(_pow2(length), max(16, 32768 // block_n), 64)
+        programs = 4
+    elif rows_contiguous:
+        # memory runs along the rows (a conv output [B, C, H*W]): 128 rows of 32 neurons
+        block_r = min(128, max(16, _pow2(length)))
+        block_n = min(_pow2(cols), max(1, TILE // block_r))
+        programs = 4 * sms
+    else:
+        # 128 neurons: 512 contiguous bytes per fp32 row
+        block_n = min(128, max(16, _pow2(cols)))
+        block_r = min(max(16, TILE // block_n), 256)
+        programs = 4 * sms
+    col_blocks = cdiv(cols, block_n)
+    tiles = max(1, batch * cdiv(length, block_r))
+    chunks = min(tiles, max(1, cdiv(programs, col_blocks)), MAX_CHUNKS)
+    tiles_per_chunk = cdiv(tiles, chunks)
+    chunks = cdiv(tiles, tiles_per_chunk)
+    c_block = _pow2(chunks)  # the combine kernel reduces every chunk of its neurons at once
+    # 512 partials a program: 4 a thread, 110 registers on sm_90 (1024: 135)
+    combine_cols = max(1, min(_pow2(cols), (16384 if interp else 512) // c_block))
+    # 8 warps: 8 elements of a tile a thread, each with its (count, mean, M2, positive):
+    # 70-124 registers on sm_90 at the shapes of tests/triton_sm90_compile.py (4 warps: 143)
+    return dict(BLOCK_R=block_r, BLOCK_N=block_n, col_blocks=col_blocks, chunks=chunks,
+                tiles_per_chunk=tiles_per_chunk, C_BLOCK=c_block, COLS=combine_cols,
+                num_warps=warps if interp else 8, combine_warps=warps)
 
 
 def launch_config(op: str, device: torch.device, **size) -> dict:
@@ -100,37 +135,9 @@ def launch_config(op: str, device: torch.device, **size) -> dict:
     """
     interp = INTERPRET
     warps = 4
-    if op == "batch_stats":
-        rows, cols, batch, length = size["rows"], size["cols"], size["batch"], size["length"]
-        if interp:
-            # At most 64 rows a tile, as on a GPU: numpy sums a tile's rows one after another in
-            # float32, so taller tiles would lose precision the GPU's tree reduction does not.
-            block_n = min(512, _pow2(cols))
-            block_r = min(_pow2(length), max(16, 32768 // block_n), 64)
-            programs = 4
-        elif size["rows_contiguous"]:
-            # memory runs along the rows (a conv output [B, C, H*W]): 128 rows of 32 neurons
-            block_r = min(128, max(16, _pow2(length)))
-            block_n = min(_pow2(cols), max(1, TILE // block_r))
-            programs = 4 * _sm_count(device)
-        else:
-            # 128 neurons: 512 contiguous bytes per fp32 row
-            block_n = min(128, max(16, _pow2(cols)))
-            block_r = min(max(16, TILE // block_n), 256)
-            programs = 4 * _sm_count(device)
-        col_blocks = _cdiv(cols, block_n)
-        tiles = max(1, batch * _cdiv(length, block_r))
-        chunks = min(tiles, max(1, _cdiv(programs, col_blocks)), MAX_CHUNKS)
-        tiles_per_chunk = _cdiv(tiles, chunks)
-        chunks = _cdiv(tiles, tiles_per_chunk)
-        c_block = _pow2(chunks)  # the combine kernel reduces every chunk of its neurons at once
-        # 512 partials a program: 4 a thread, 110 registers on sm_90 (1024: 135)
-        combine_cols = max(1, min(_pow2(cols), (16384 if interp else 512) // c_block))
-        # 8 warps: 8 elements of a tile a thread, each with its (count, mean, M2, positive):
-        # 70-124 registers on sm_90 at the shapes of tests/triton_sm90_compile.py (4 warps: 143)
-        return dict(BLOCK_R=block_r, BLOCK_N=block_n, col_blocks=col_blocks, chunks=chunks,
-                    tiles_per_chunk=tiles_per_chunk, C_BLOCK=c_block, COLS=combine_cols,
-                    num_warps=warps if interp else 8, combine_warps=warps)
+    if op == "batch_stats":  # cached: a layer asks for the same shapes every step
+        return _batch_stats_config(interp, _sm_count(device), size["rows"], size["cols"],
+                                   size["batch"], size["length"], size["rows_contiguous"])
     if op == "merge_stats":
         # float64 arithmetic: 4 columns a thread; 8 spilled registers on sm_90 with float64 state
         block = min(4096 if interp else 512, _pow2(size["cols"]))

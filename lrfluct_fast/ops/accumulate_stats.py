@@ -36,9 +36,9 @@ def check_args(x, counts, moments, pending_counts=None, pending_moments=None, in
     check_state("moments", moments, (3, n), (STATS_DTYPE,), device)
     pending = (pending_counts, pending_moments, into_counts, into_moments)
     given = [t is not None for t in pending]
-    check(all(given) or not any(given),
-          "pending_counts, pending_moments, into_counts and into_moments come together, got "
-          + ", ".join("a tensor" if g else "None" for g in given))
+    if any(given) and not all(given):
+        check(False, "pending_counts, pending_moments, into_counts and into_moments come together, "
+                     "got " + ", ".join("a tensor" if g else "None" for g in given))
     if all(given):
         for name, t, dtype in (("pending_counts", pending_counts, torch.int64),
                                ("pending_moments", pending_moments, STATS_DTYPE),

@@ -41,8 +41,9 @@ SCHEMA = "batch_stats(Tensor x) -> (Tensor counts, Tensor moments)"
 
 def check_args(x: torch.Tensor) -> None:
     check_float_input("x", x)
-    check(x.dim() in (2, 3),
-          f"x must be a 2-D tensor [rows, neurons] or a 3-D [batch, neurons, rest], got {x.dim()}-D")
+    if x.dim() not in (2, 3):
+        check(False, f"x must be a 2-D tensor [rows, neurons] or a 3-D [batch, neurons, rest], "
+                     f"got {x.dim()}-D")
 
 
 def batch_stats_reference(x: torch.Tensor):
@@ -250,7 +251,7 @@ def launch_batch_stats(x: torch.Tensor, counts: torch.Tensor, moments: torch.Ten
     chunks, block_r = cfg["chunks"], cfg["BLOCK_R"]
     part_counts = x.new_empty((2, chunks, cols), dtype=torch.int64)
     part_moments = x.new_empty((3, chunks, cols), dtype=torch.float64)
-    s_tiles = triton.cdiv(length, block_r)
+    s_tiles = tcfg.cdiv(length, block_r)
     check(cfg["tiles_per_chunk"] * block_r < 2**31, "batch_stats: a row chunk must hold < 2^31 rows")
     pend = pending if pending is not None else (counts, moments, counts, moments)
     with tcfg.device_guard(x.device):
@@ -261,7 +262,7 @@ def launch_batch_stats(x: torch.Tensor, counts: torch.Tensor, moments: torch.Ten
                 ACC=tcfg.acc_type(torch.float64 if x.dtype == torch.float64 else torch.float32),
                 BLOCK_R=block_r, BLOCK_N=cfg["BLOCK_N"], INTERPRETED=tcfg.INTERPRET,
                 num_warps=cfg["num_warps"])
-        _batch_stats_combine_kernel[(triton.cdiv(cols, cfg["COLS"]),)](
+        _batch_stats_combine_kernel[(tcfg.cdiv(cols, cfg["COLS"]),)](
             part_counts, part_moments, counts, moments, *pend, rows, cols,
             chunks if rows > 0 else 0, chunks * cols, MERGE=merge, PENDING=pending is not None,
             C_BLOCK=cfg["C_BLOCK"], COLS=cfg["COLS"], num_warps=cfg["combine_warps"])

@@ -106,7 +106,7 @@ def merge_stats_triton(counts, moments, batch_counts, batch_moments) -> None:
         return
     cfg = tcfg.launch_config("merge_stats", counts.device, cols=n)
     with tcfg.device_guard(counts.device):
-        _merge_stats_kernel[(triton.cdiv(n, cfg["BLOCK"]),)](
+        _merge_stats_kernel[(tcfg.cdiv(n, cfg["BLOCK"]),)](
             counts, moments, batch_counts, batch_moments, n,
             BLOCK=cfg["BLOCK"], num_warps=cfg["num_warps"])
 
