@@ -6,7 +6,7 @@ back (remove); it never changes parameters, gradients or the optimizer. The trai
 path (forward, backward, step()) never synchronises with the host: summaries copy to the
 host only when asked for.
 
-Options (keyword arguments of `instrument`):
+Options (keyword arguments of `instrument`; options.py checks each one's type and range):
   activations, gradients, weights, biases   what to track (all True)
   every        observe one step in `every` (1): forwards/backwards of that step and the
                weights after it; the others run the plain torch path
@@ -48,16 +48,12 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from . import distributed, metrics, ops, rundir
+from . import options as options_
 from .layers import kind_of, parameter_kind, parameter_value
 from .nn import GradScale, LayerState, unwrap, wrap
 
 # Layout of state_dict(); 2: weight and bias temporal state as (tally, skipped, moments).
 STATE_VERSION = 2
-
-_OPTION_DEFAULTS = dict(activations=True, gradients=True, weights=True, biases=True, every=1,
-                        weight_mode="element", dead_threshold=0.01, energy="weight",
-                        log_dir=None, log_every=100, summary_every=1000, tensorboard=False,
-                        log_errors="warn", grad_scaler=None)
 
 
 class Monitor:
@@ -193,6 +189,7 @@ class Monitor:
 
     def memory_bytes(self) -> int:
         """Bytes of statistics state the monitor holds (flat over steps)."""
+        self._check_live()
         unique = {id(t): t for _, st in self._states() for t in st.buffers.values()}  # tied: once
         return sum(t.numel() * t.element_size() for t in unique.values())
 
@@ -212,6 +209,8 @@ class Monitor:
 
     # -- persistence ----------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
+        """The statistics, step count and options, for load_state_dict (a checkpoint)."""
+        self._check_live()
         sd = {"version": STATE_VERSION, "steps": self.steps, "options": dict(self.options),
               "layers": {name: {k: t.clone() for k, t in st.buffers.items()}
                          for name, st in self._states()}}
@@ -222,9 +221,7 @@ class Monitor:
     def load_state_dict(self, sd: dict[str, Any]) -> None:
         """Restore statistics saved by state_dict() into a Monitor of the same model and options."""
         self._check_live()
-        if sd.get("version") != STATE_VERSION:
-            raise ValueError(f"unsupported monitor state version {sd.get('version')!r} "
-                             f"(this version reads {STATE_VERSION})")
+        _check_state_dict(sd)
         saved_opts, opts = ({k: v for k, v in o.items() if k not in rundir.LOG_OPTIONS}
                             for o in (sd["options"], self.options))
         if saved_opts != opts:
@@ -235,7 +232,7 @@ class Monitor:
         for name, st in self._states():
             saved = sd["layers"][name]
             for key, t in st.buffers.items():
-                if key not in saved or saved[key].shape != t.shape:
+                if not isinstance(saved.get(key), torch.Tensor) or saved[key].shape != t.shape:
                     raise ValueError(f"state of layer {name!r}: {key} missing or of another shape")
         if self._run is not None:
             self._run.load_state_dict(sd.get("run"), int(sd["steps"]))
@@ -289,6 +286,28 @@ class Monitor:
     def __repr__(self) -> str:
         return (f"Monitor({len(self.states)} layers, {len(self.skipped)} skipped, "
                 f"steps={self.steps}, backend={_backend_name(self.layers)})")
+
+
+def _check_state_dict(sd) -> None:
+    """Refuse what is not a Monitor.state_dict(), naming what is wrong."""
+    if not isinstance(sd, dict):
+        raise TypeError(f"load_state_dict expects the dict of Monitor.state_dict(), "
+                        f"got {options_.describe(sd)}")
+    if sd.get("version") != STATE_VERSION:
+        raise ValueError(f"unsupported monitor state version {sd.get('version')!r} "
+                         f"(this version reads {STATE_VERSION})")
+    for key, kind, what in (("steps", int, "an integer"), ("options", dict, "a dict"),
+                            ("layers", dict, "a dict")):
+        if not isinstance(sd.get(key), kind) or isinstance(sd.get(key), bool):
+            raise ValueError(f"monitor state: {key!r} must be {what}, "
+                             f"got {options_.describe(sd.get(key))}")
+    if sd["steps"] < 0:
+        raise ValueError(f"monitor state: 'steps' must be >= 0, got {sd['steps']}")
+    bad = [name for name, saved in sd["layers"].items() if not isinstance(saved, dict)]
+    if bad:
+        raise ValueError(f"monitor state: layers {bad} do not map buffer names to tensors")
+    if sd.get("run") is not None and not isinstance(sd["run"], dict):
+        raise ValueError(f"monitor state: 'run' must be a dict or None, got {options_.describe(sd['run'])}")
 
 
 class _StepPlan:
@@ -365,22 +384,9 @@ def instrument(model: nn.Module, **options) -> Monitor:
     Instrument after moving the model to its device and dtype: a layer that later computes
     on another device or in another precision raises at its next forward or step().
     """
-    unknown = set(options) - set(_OPTION_DEFAULTS)
-    if unknown:
-        raise TypeError(f"instrument() got unknown options {sorted(unknown)}; "
-                        f"known: {sorted(_OPTION_DEFAULTS)}")
-    opts = {**_OPTION_DEFAULTS, **options}
-    rundir.check_options(opts)
+    opts = options_.check(options)
     distributed.check_not_sharded(model)
-    if not isinstance(opts["every"], int) or opts["every"] < 1:
-        raise ValueError(f"every must be an integer >= 1, got {opts['every']!r}")
-    if opts["weight_mode"] not in ("element", "neuron"):
-        raise ValueError(f"weight_mode must be 'element' or 'neuron', got {opts['weight_mode']!r}")
-    if opts["energy"] not in metrics.ENERGIES:
-        raise ValueError(f"energy must be one of {sorted(metrics.ENERGIES)}, got {opts['energy']!r}")
     scaler = opts["grad_scaler"]
-    if scaler is not None and not isinstance(scaler, torch.amp.GradScaler):
-        raise TypeError(f"grad_scaler must be a torch.amp.GradScaler, got {type(scaler).__name__}")
     grad_scale = GradScale(scaler) if scaler is not None else None
     opts["grad_scaler"] = scaler is not None  # the options are saved with the state: no object
     for name, m in model.named_modules():

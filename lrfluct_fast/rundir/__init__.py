@@ -60,11 +60,15 @@ later events, and logging goes on from the checkpoint's step: no gap, no duplica
 Refused: a log_dir holding another run with other layers or statistics options (ValueError
 at instrument), or a run with logged data that is not resumed (ValueError at the first
 step() or flush(), or at load_state_dict of another run's checkpoint).
-Write errors (full disk, removed directory): a RuntimeWarning, that item is lost, training
-goes on; with log_errors="raise" the next step(), flush() or close() raises RuntimeError.
+Write errors (full disk, removed directory): training goes on with one RuntimeWarning per
+spell of failures (not one per step); the records of the steps whose writes fail are lost, a
+failed write leaves no temp file, and the summary a failed write owed is written at the first
+write that succeeds (when space returns). Temp files of writes a killed run left are removed
+when a run directory is opened. With log_errors="raise" the next step(), flush() or close()
+raises RuntimeError instead.
 """
 from .load import Metrics, Run, load_run
-from .runlog import LOG_OPTIONS, RunLog, check_options
-from .writer import QUEUE_SIZE
+from .runlog import LOG_OPTIONS, RunLog
+from .writer import QUEUE_SIZE, summary_writer_class
 
-__all__ = ["LOG_OPTIONS", "QUEUE_SIZE", "Metrics", "Run", "RunLog", "check_options", "load_run"]
+__all__ = ["LOG_OPTIONS", "QUEUE_SIZE", "Metrics", "Run", "RunLog", "load_run", "summary_writer_class"]

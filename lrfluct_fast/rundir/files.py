@@ -6,7 +6,7 @@ import io
 import json
 import os
 import re
-from typing import Any
+from typing import Any, BinaryIO, Callable
 
 
 
@@ -20,12 +20,18 @@ def csv_header(columns) -> str:
     return ",".join(["step", "layer", *columns]) + "\n"
 
 
-def atomic_write(path: str, data: bytes) -> None:
+def atomic_write(path: str, data: bytes | Callable[[BinaryIO], None]) -> None:
+    """`path` written whole or not at all: `data` (bytes, or a function writing into a binary
+    file) goes to a temp name first, which a failed write removes."""
     head, tail = os.path.split(path)
     tmp = os.path.join(head, f".{tail}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            data(f) if callable(data) else f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        remove_quietly(tmp)
+        raise
 
 
 def write_json(path: str, obj) -> None:
@@ -86,11 +92,30 @@ def truncate_after(path: str, step: int, columns) -> None:
     os.makedirs(sdir, exist_ok=True)
     for name in os.listdir(sdir):
         m = SUMMARY_NAME.fullmatch(name)
-        if (m and int(m.group(1)) > step) or name.endswith(".tmp"):
+        if m and int(m.group(1)) > step:
             os.remove(os.path.join(sdir, name))
-    for name in os.listdir(path):
-        if name.startswith(".") and name.endswith(".tmp"):
-            os.remove(os.path.join(path, name))
+    remove_temp_files(path)
+
+
+def is_temp_file(name: str) -> bool:
+    return name.startswith(".") and name.endswith(".tmp")
+
+
+def remove_temp_files(path: str) -> None:
+    """Remove the temp files of writes that did not finish (killed or failed) from the run
+    directory and its summaries/."""
+    for folder in (path, os.path.join(path, SUMMARY_DIR)):
+        if os.path.isdir(folder):
+            for name in os.listdir(folder):
+                if is_temp_file(name):
+                    remove_quietly(os.path.join(folder, name))
+
+
+def remove_quietly(file: str) -> None:
+    try:
+        os.remove(file)
+    except OSError:
+        pass  # gone already, or the filesystem refuses: load_run ignores temp files anyway
 
 
 def read_csv(file: str) -> tuple[list[str] | None, list[tuple[int, list[str]]]]:
@@ -122,7 +147,19 @@ def read_csv(file: str) -> tuple[list[str] | None, list[tuple[int, list[str]]]]:
     return header, out
 
 
+# run.json's fields that load_run and a resume read, with the type each must have
+RUN_FIELDS = {"format": int, "run_id": str, "layers": list, "neurons": dict, "options": dict,
+              "metric_columns": list, "resumes": list}
+_JSON_TYPES = {int: "integer", str: "string", list: "array", dict: "object"}
+
+
 def read_run_info(path: str) -> dict[str, Any]:
+    """run.json of the run directory `path`, checked; ValueError naming the path or the file."""
+    if not os.path.exists(path):
+        raise ValueError(f"{path} is not a run directory: it does not exist")
+    if not os.path.isdir(path):
+        raise ValueError(f"{path} is not a run directory: it is a file (pass the directory "
+                         f"that holds {RUN_FILE})")
     file = os.path.join(path, RUN_FILE)
     try:
         with open(file, "rb") as f:
@@ -135,4 +172,11 @@ def read_run_info(path: str) -> dict[str, Any]:
         raise ValueError(f"corrupt run file {file}: not an lrfluct_fast run description")
     if info["format"] != FORMAT:
         raise ValueError(f"{file}: run directory format {info['format']!r}, this version reads {FORMAT}")
+    for key, kind in RUN_FIELDS.items():
+        if key in info and not isinstance(info[key], kind):
+            raise ValueError(f"corrupt run file {file}: {key!r} must be a JSON "
+                             f"{_JSON_TYPES[kind]}, got {json.dumps(info[key])}")
+    for key in ("layers", "metric_columns"):
+        if not all(isinstance(v, str) for v in info.get(key, [])):
+            raise ValueError(f"corrupt run file {file}: {key!r} must list names (strings)")
     return info

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import zipfile
 from dataclasses import dataclass
 from typing import Any
 
@@ -84,6 +85,8 @@ def _read_summaries(path: str):
             continue  # temp files of a write that did not finish
         file = os.path.join(sdir, name)
         layers: dict[str, dict[str, np.ndarray]] = {}
+        if not zipfile.is_zipfile(file):
+            raise ValueError(f"corrupt summary file {file}: not an .npz (zip) archive")
         try:
             with np.load(file, allow_pickle=False) as z:
                 for key in z.files:

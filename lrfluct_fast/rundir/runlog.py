@@ -1,5 +1,5 @@
-"""RunLog: the Monitor's side of a run directory: option checks, when to log, what to
-copy, and resuming a run."""
+"""RunLog: the Monitor's side of a run directory: when to log, what to copy, and resuming
+a run."""
 from __future__ import annotations
 
 import os
@@ -13,32 +13,13 @@ import torch
 
 from .. import distributed, metrics
 from .files import (FORMAT, METRICS_FILE, RUN_FILE, SUMMARY_DIR, atomic_write, csv_header, has_data,
-                    read_run_info, truncate_after, write_json)
-from .writer import Item, Writer, summary_writer_class, snapshot
+                    read_run_info, remove_temp_files, truncate_after, write_json)
+from .writer import Item, Writer, snapshot
 
 
 # instrument() options that only say where and how often to write: they may change when a
 # run resumes; the others define the statistics and must not.
 LOG_OPTIONS = ("log_dir", "log_every", "summary_every", "tensorboard", "log_errors")
-
-
-def check_options(opts: dict[str, Any]) -> None:
-    """Validate the run-directory options of instrument()."""
-    log_dir = opts["log_dir"]
-    if log_dir is not None and not isinstance(log_dir, (str, os.PathLike)):
-        raise TypeError(f"log_dir must be a path or None, got {type(log_dir).__name__}")
-    for key in ("log_every", "summary_every"):
-        v = opts[key]
-        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-            raise ValueError(f"{key} must be an integer >= 1, got {v!r}")
-    if opts["log_errors"] not in ("warn", "raise"):
-        raise ValueError(f"log_errors must be 'warn' or 'raise', got {opts['log_errors']!r}")
-    if not isinstance(opts["tensorboard"], bool):
-        raise ValueError(f"tensorboard must be True or False, got {opts['tensorboard']!r}")
-    if opts["tensorboard"]:
-        if log_dir is None:
-            raise ValueError("tensorboard=True writes into the run directory: pass log_dir too")
-        summary_writer_class()
 
 
 # -- the Monitor's side -----------------------------------------------------------------------
@@ -77,6 +58,7 @@ class RunLog:
 
     def _open(self) -> None:
         os.makedirs(self.path, exist_ok=True)
+        remove_temp_files(self.path)  # of writes a killed or failed run did not finish
         if not os.path.exists(os.path.join(self.path, RUN_FILE)):
             # _create writes run.json first: these files are not ours
             if os.path.exists(os.path.join(self.path, METRICS_FILE)) or has_data(self.path):

@@ -17,7 +17,7 @@ import torch
 
 import numpy as np
 from .. import distributed, metrics, ops
-from .files import METRICS_FILE, SUMMARY_DIR, TB_DIR, cut_partial_line, csv_header
+from .files import METRICS_FILE, SUMMARY_DIR, TB_DIR, atomic_write, cut_partial_line, csv_header
 
 
 QUEUE_SIZE = 8
@@ -91,6 +91,8 @@ class Writer:
         self.purge_step: int | None = None          # TensorBoard: drop events from here on
         self._tb = None
         self._cut_tail = True  # metrics.csv may end in a partial line: cut it before appending
+        self._failing = False       # the last write failed (and that spell was warned of)
+        self._summary_owed = False  # a summary write failed: write one at the next success
         self._thread = threading.Thread(target=self._loop, name="lrfluct-rundir", daemon=True)
         self._thread.start()
         _LIVE.add(self)
@@ -145,12 +147,16 @@ class Writer:
         if self.log_errors == "raise":
             self.failure = self.failure or err
             return
-        if self.errors == 1 or self.errors % 100 == 0:
+        if getattr(item, "summary", False):
+            self._summary_owed = True
+        if not self._failing:  # one warning per spell of failures (a full disk: not one per step)
+            self._failing = True
             step = getattr(item, "step", "?")
             warnings.warn(f"lrfluct_fast: writing step {step} to the run directory {self.path} "
-                          f"failed ({type(err).__name__}: {err}); training goes on and that "
-                          f"step's records are lost ({self.errors} failed writes so far; "
-                          f"log_errors='raise' stops training instead)", RuntimeWarning)
+                          f"failed ({type(err).__name__}: {err}); training goes on, the records "
+                          f"of the steps whose writes fail are lost, and the summary is written "
+                          f"again at the first write that succeeds (no more warnings until "
+                          f"then; log_errors='raise' stops training instead)", RuntimeWarning)
 
     def _write(self, item: Item) -> None:
         if item.event is not None:
@@ -165,10 +171,12 @@ class Writer:
                      for name, (track, mode) in self.specs.items()}
         if item.metrics:
             self._append_metrics(item.step, summaries)
-        if item.summary:
+        if item.summary or self._summary_owed:
             self._write_summary(item.step, summaries)
+            self._summary_owed = False
         if self._tb is not None:
             self._tb.flush()
+        self._failing = False
 
     def _append_metrics(self, step: int, summaries) -> None:
         values = {name: metrics.layer_metrics(s, **self.metric_options) for name, s in summaries.items()}
@@ -195,11 +203,8 @@ class Writer:
 
     def _write_summary(self, step: int, summaries) -> None:
         arrays = {f"{name}/{key}": v for name, s in summaries.items() for key, v in s.items()}
-        sdir = os.path.join(self.path, SUMMARY_DIR)
-        tmp = os.path.join(sdir, f".step_{step:09d}.npz.tmp")
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, os.path.join(sdir, f"step_{step:09d}.npz"))
+        atomic_write(os.path.join(self.path, SUMMARY_DIR, f"step_{step:09d}.npz"),
+                     lambda f: np.savez(f, **arrays))
         if self.tensorboard:
             tb = self._tb_writer()
             for name, s in summaries.items():
