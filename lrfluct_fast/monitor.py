@@ -32,6 +32,11 @@ Options (keyword arguments of `instrument`; options.py checks each one's type an
                divided by its scale, and the gradient statistics of a step the scaler skips
                (inf/nan gradients) are dropped. Call mon.step() after scaler.update().
 
+Threads: summary(), metrics() and state_dict() may be called from any thread and return
+the statistics of one moment (reads.py: another thread's read is served at the training
+thread's next step(), which otherwise pays one attribute check). The other methods (step,
+reset, paused, flush, close, load_state_dict, remove) belong to the training thread.
+
 Under an initialized torch.distributed process group, summary(), metrics() and logging merge
 every rank's activation and gradient statistics (distributed.py): they are collectives, to be
 called on every rank. FSDP is refused.
@@ -39,6 +44,7 @@ called on every rank. FSDP is refused.
 from __future__ import annotations
 
 import contextlib
+import threading
 import warnings
 from typing import Any
 
@@ -51,6 +57,10 @@ from . import distributed, metrics, ops, rundir
 from . import options as options_
 from .layers import kind_of, parameter_kind, parameter_value
 from .nn import GradScale, LayerState, unwrap, wrap
+from .reads import ConsistentReads
+
+_thread_id = threading.get_ident
+READ_TIMEOUT_S = 60.0  # how long a read from another thread waits for a step boundary
 
 # Layout of state_dict(); 2: weight and bias temporal state as (tally, skipped, moments).
 STATE_VERSION = 2
@@ -74,6 +84,7 @@ class Monitor:
         self._sampling = True
         self._removed = False
         self._run: rundir.RunLog | None = None  # the run directory, with instrument(log_dir=...)
+        self._reads = ConsistentReads()  # summary() and state_dict() from other threads
 
     def _states(self):
         return list(self.states.items())
@@ -98,6 +109,10 @@ class Monitor:
                 st.sampling = observe_next
         if self._run is not None:
             self._run.after_step(self)
+        reads = self._reads
+        reads.training_thread = _thread_id()
+        if reads.pending is not None:  # another thread waits for a step boundary to read at
+            reads.serve(lambda: self._statistics(copy=True))
 
     def _new_plan(self) -> "_StepPlan":
         """Check every recorded parameter (placement, shape) and list what step() hands the
@@ -155,15 +170,45 @@ class Monitor:
             st.sampling = True
 
     # -- results --------------------------------------------------------------------------
-    def summary(self) -> dict[str, dict[str, np.ndarray]]:
-        """{layer: {key: numpy array}} with the keys of DESIGN section 2."""
+    def summary(self, *, timeout: float | None = READ_TIMEOUT_S) -> dict[str, dict[str, np.ndarray]]:
+        """{layer: {key: numpy array}} with the keys of DESIGN section 2.
+
+        From any thread, the statistics of one moment: read directly in the training thread,
+        else at its next step boundary (reads.py); `timeout` (seconds, None: no limit) bounds
+        the wait while the statistics keep changing without one."""
         self._check_live()
-        host = distributed.host_buffers(self._states())  # every rank's batches, merged
+        buffers, steps = self._read("summary()", timeout)
+        if distributed.world_size() > 1:
+            host = distributed.host_buffers(self._states())  # every rank's batches, merged
+        else:
+            host = {name: {k: t.cpu().numpy() for k, t in bufs.items()} for name, bufs in buffers.items()}
         out = {name: metrics.layer_summary(host[name], track=st.track, weight_mode=st.weight_mode,
-                                           steps=self.steps, weight_rows=_numpy(st.weight_rows))
+                                           steps=steps, weight_rows=_numpy(st.weight_rows))
                for name, st in self._states()}
         self._warn_unobserved(out)
         return out
+
+    def _read(self, what: str, timeout) -> tuple[dict[str, dict[str, torch.Tensor]], int]:
+        """({layer: {buffer key: tensor}}, steps) of one moment (see summary())."""
+        if timeout is not None:
+            options_.check_seconds("timeout", timeout)
+        if distributed.world_size() > 1 and not self._reads.in_training_thread():
+            raise RuntimeError(f"{what} under a process group is a collective: call it from "
+                               f"the training thread, on every rank")
+        return self._reads.read(lambda: self._statistics(copy=not self._reads.in_training_thread()),
+                                self._counts_fingerprint, torch.equal, timeout, what)
+
+    def _statistics(self, copy: bool):
+        """The statistics buffers and the step count: the live tensors, or host copies."""
+        take = (lambda t: t.to("cpu", copy=True)) if copy else (lambda t: t)
+        return ({name: {k: take(t) for k, t in st.buffers.items()} for name, st in self._states()},
+                self.steps)
+
+    def _counts_fingerprint(self) -> torch.Tensor:
+        """Every count and tally in one host tensor: any write to the statistics changes it."""
+        parts = [t.reshape(-1) for _, st in self._states() for k, t in st.buffers.items()
+                 if k.endswith((".counts", ".tally"))]
+        return torch.cat([p.to("cpu") for p in parts]) if parts else torch.zeros(0)
 
     def _warn_unobserved(self, summaries) -> None:
         """One warning naming each layer (once) with no activation or gradient observation."""
@@ -181,11 +226,12 @@ class Monitor:
                           f"their statistics and the metrics derived from them are nan",
                           RuntimeWarning, stacklevel=3)
 
-    def metrics(self) -> dict[str, dict[str, float]]:
-        """{layer: {metric: float}}: spread_of_spread, spread_cv, participation_ratio, ..."""
+    def metrics(self, *, timeout: float | None = READ_TIMEOUT_S) -> dict[str, dict[str, float]]:
+        """{layer: {metric: float}}: spread_of_spread, spread_cv, participation_ratio, ...
+        of one summary() (from any thread, as summary())."""
         return {name: metrics.layer_metrics(s, dead_threshold=self.options["dead_threshold"],
                                             energy=self.options["energy"])
-                for name, s in self.summary().items()}
+                for name, s in self.summary(timeout=timeout).items()}
 
     def memory_bytes(self) -> int:
         """Bytes of statistics state the monitor holds (flat over steps)."""
@@ -211,9 +257,11 @@ class Monitor:
     def state_dict(self) -> dict[str, Any]:
         """The statistics, step count and options, for load_state_dict (a checkpoint)."""
         self._check_live()
-        sd = {"version": STATE_VERSION, "steps": self.steps, "options": dict(self.options),
-              "layers": {name: {k: t.clone() for k, t in st.buffers.items()}
-                         for name, st in self._states()}}
+        buffers, steps = self._read("state_dict()", READ_TIMEOUT_S)
+        devices = {name: {k: t.device for k, t in st.buffers.items()} for name, st in self._states()}
+        sd = {"version": STATE_VERSION, "steps": steps, "options": dict(self.options),
+              "layers": {name: {k: t.to(devices[name][k], copy=True) for k, t in bufs.items()}
+                         for name, bufs in buffers.items()}}
         if self._run is not None:
             sd["run"] = self._run.state_dict()  # waits until the files hold every logged step
         return sd

@@ -66,6 +66,14 @@ def check_fraction(what: str, value) -> None:
         _refuse(what, "a number in [0, 1]", value, wrong_type=False)
 
 
+def check_seconds(what: str, value) -> None:
+    """A real number of seconds >= 0 (not a bool, not nan)."""
+    if not isinstance(value, numbers.Real) or isinstance(value, bool):
+        _refuse(what, "a number of seconds >= 0 or None", value, wrong_type=True)
+    if not value >= 0:
+        _refuse(what, "a number of seconds >= 0 or None", value, wrong_type=False)
+
+
 def check_log_dir(value) -> None:
     allowed = "None or the path of a directory (str or os.PathLike)"
     if value is None:
