@@ -122,11 +122,10 @@ def merge_ranks(gathered: torch.Tensor, layout) -> dict[str, dict[str, np.ndarra
     return out
 
 
-def host_buffers(states) -> dict[str, dict[str, np.ndarray]]:
-    """{layer: {buffer key: numpy array}}, per-rank statistics merged over every rank."""
-    host = {name: {k: t.cpu().numpy() for k, t in st.buffers.items()} for name, st in states}
-    flat, layout = pack(states) if world_size() > 1 else (None, [])
+def merge_ranks_into(host: dict[str, dict[str, np.ndarray]], states) -> None:
+    """Replace the per-rank statistics in `host` ({layer: {buffer key: numpy array}}) by
+    those merged over every rank (a collective)."""
+    flat, layout = pack(states)
     if layout:
         for name, merged in merge_ranks(all_gather(flat).cpu(), layout).items():
             host[name].update(merged)
-    return host

@@ -28,14 +28,20 @@ Options (keyword arguments of `instrument`; options.py checks each one's type an
                flush() / close()
   tensorboard  also write TensorBoard scalars and histograms (False; needs tensorboard)
   log_errors   a failed write: "warn" (training goes on) or "raise" (the next step raises)
+  windows      {statistic: steps}: each of "activation", "gradient", "weight", "bias" named
+               gets its own window of that many steps (1: every step), closed by step()
+               into a row of per-neuron summaries (mon.closed_windows(), and the run
+               directory with log_dir); statistics not named have one window, the whole
+               run. summary() stays the whole run either way (windows.py). None: no windows.
   grad_scaler  the torch.amp.GradScaler of the training loop (None): dL/dz is recorded
                divided by its scale, and the gradient statistics of a step the scaler skips
                (inf/nan gradients) are dropped. Call mon.step() after scaler.update().
 
 Threads: summary(), metrics() and state_dict() may be called from any thread and return
 the statistics of one moment (reads.py: another thread's read is served at the training
-thread's next step(), which otherwise pays one attribute check). The other methods (step,
-reset, paused, flush, close, load_state_dict, remove) belong to the training thread.
+thread's next step(), which otherwise pays one attribute check); so may closed_windows().
+The other methods (step, reset, paused, close_windows, flush, close, load_state_dict,
+remove) belong to the training thread.
 
 Under an initialized torch.distributed process group, summary(), metrics() and logging merge
 every rank's activation and gradient statistics (distributed.py): they are collectives, to be
@@ -53,7 +59,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from . import distributed, metrics, ops, rundir
+from . import distributed, metrics, ops, rundir, windows
 from . import options as options_
 from .layers import kind_of, parameter_kind, parameter_value
 from .nn import GradScale, LayerState, unwrap, wrap
@@ -85,6 +91,8 @@ class Monitor:
         self._removed = False
         self._run: rundir.RunLog | None = None  # the run directory, with instrument(log_dir=...)
         self._reads = ConsistentReads()  # summary() and state_dict() from other threads
+        # windows per statistic (windows.py): adds the whole-run totals to the states' buffers
+        self._windows = windows.Windows(options["windows"], states) if options["windows"] else None
 
     def _states(self):
         return list(self.states.items())
@@ -109,6 +117,8 @@ class Monitor:
                 st.sampling = observe_next
         if self._run is not None:
             self._run.after_step(self)
+        if self._windows is not None:
+            self._windows.after_step(self.steps, self._run.put_window if self._run is not None else None)
         reads = self._reads
         reads.training_thread = _thread_id()
         if reads.pending is not None:  # another thread waits for a step boundary to read at
@@ -160,7 +170,8 @@ class Monitor:
                 st.paused = was
 
     def reset(self) -> None:
-        """Start a new window: forget every statistic and the step count."""
+        """Start anew: forget every statistic (whole-run totals and open windows) and the
+        step count. Closed windows not read yet stay readable (closed_windows())."""
         self._check_live()
         self.steps = 0
         self._warned.clear()
@@ -168,6 +179,8 @@ class Monitor:
         for _, st in self._states():
             st.reset()
             st.sampling = True
+        if self._windows is not None:
+            self._windows.restart(0)
 
     # -- results --------------------------------------------------------------------------
     def summary(self, *, timeout: float | None = READ_TIMEOUT_S) -> dict[str, dict[str, np.ndarray]]:
@@ -178,10 +191,10 @@ class Monitor:
         the wait while the statistics keep changing without one."""
         self._check_live()
         buffers, steps = self._read("summary()", timeout)
+        host = {name: {k: t.cpu().numpy() for k, t in windows.whole_run(bufs).items()}
+                for name, bufs in buffers.items()}
         if distributed.world_size() > 1:
-            host = distributed.host_buffers(self._states())  # every rank's batches, merged
-        else:
-            host = {name: {k: t.cpu().numpy() for k, t in bufs.items()} for name, bufs in buffers.items()}
+            distributed.merge_ranks_into(host, self._states())  # every rank's batches
         out = {name: metrics.layer_summary(host[name], track=st.track, weight_mode=st.weight_mode,
                                            steps=steps, weight_rows=_numpy(st.weight_rows))
                for name, st in self._states()}
@@ -225,6 +238,29 @@ class Monitor:
             warnings.warn(f"lrfluct_fast: no observation for layer(s) {', '.join(missing)}; "
                           f"their statistics and the metrics derived from them are nan",
                           RuntimeWarning, stacklevel=3)
+
+    def closed_windows(self, statistic: str | None = None) -> list[windows.Window]:
+        """The windows closed since the last call (instrument's `windows` option), oldest
+        first, each a windows.Window (statistic, first_step, last_step, layers: {layer:
+        {key: [N] per-neuron array}}); of one statistic ("activation", "gradient", "weight",
+        "bias") or all. Returned rows are forgotten; at most windows.KEPT_ROWS unread rows
+        are kept (with log_dir every row is also in the run directory: lf.load_run)."""
+        self._check_live()
+        if statistic is not None:
+            options_.check_choice("statistic", statistic, windows.STATISTICS)
+        return self._windows.take_rows(statistic) if self._windows is not None else []
+
+    def close_windows(self, *statistics: str) -> None:
+        """Close the open windows of `statistics` (default: every windowed statistic) now,
+        after the last step(), when they hold a step (an epoch's end). The next window of
+        each ends at the next multiple of its length. Training thread only."""
+        self._check_live()
+        if self._windows is None:
+            raise ValueError("close_windows() needs windows: instrument(model, windows={...})")
+        for statistic in statistics:
+            options_.check_choice("statistic", statistic, tuple(self._windows.every))
+        self._windows.close_now(self.steps, self._run.put_window if self._run is not None else None,
+                                statistics)
 
     def metrics(self, *, timeout: float | None = READ_TIMEOUT_S) -> dict[str, dict[str, float]]:
         """{layer: {metric: float}}: spread_of_spread, spread_cv, participation_ratio, ...
@@ -270,8 +306,9 @@ class Monitor:
         """Restore statistics saved by state_dict() into a Monitor of the same model and options."""
         self._check_live()
         _check_state_dict(sd)
-        saved_opts, opts = ({k: v for k, v in o.items() if k not in rundir.LOG_OPTIONS}
-                            for o in (sd["options"], self.options))
+        saved_opts, opts = ({k: v for k, v in {**options_.DEFAULTS, **o}.items()
+                             if k not in rundir.LOG_OPTIONS}
+                            for o in (sd["options"], self.options))  # DEFAULTS: options added later
         if saved_opts != opts:
             raise ValueError(f"monitor options differ: saved {saved_opts}, now {opts}")
         if set(sd["layers"]) != set(self.layers):
@@ -291,6 +328,8 @@ class Monitor:
                 for t in st.staged:
                     t.zero_()
         self.steps = int(sd["steps"])
+        if self._windows is not None:
+            self._windows.restart(self.steps)
         self._sampling = self.steps % self.options["every"] == 0
         for _, st in self._states():
             st.sampling = self._sampling

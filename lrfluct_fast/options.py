@@ -13,12 +13,12 @@ from typing import Any
 
 import torch
 
-from . import metrics, rundir
+from . import distributed, metrics, rundir, windows
 
 DEFAULTS = dict(activations=True, gradients=True, weights=True, biases=True, every=1,
                 weight_mode="element", dead_threshold=0.01, energy="weight",
                 log_dir=None, log_every=100, summary_every=1000, tensorboard=False,
-                log_errors="warn", grad_scaler=None)
+                log_errors="warn", grad_scaler=None, windows=None)
 
 WEIGHT_MODES = ("element", "neuron")
 LOG_ERRORS = ("warn", "raise")
@@ -106,6 +106,7 @@ def check(options: dict[str, Any]) -> dict[str, Any]:
     check_fraction("dead_threshold", opts["dead_threshold"])
     opts["dead_threshold"] = float(opts["dead_threshold"])  # saved with the state: a plain float
     check_log_dir(opts["log_dir"])
+    opts["windows"] = windows.check_option(opts["windows"], distributed.world_size()) or None
     scaler = opts["grad_scaler"]
     if scaler is not None and not isinstance(scaler, torch.amp.GradScaler):
         _refuse("grad_scaler", "None or a torch.amp.GradScaler", scaler, wrong_type=True)

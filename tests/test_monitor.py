@@ -572,7 +572,7 @@ BAD_OPTIONS = [  # (option, value, error): every option of instrument, each kind
     ("summary_every", 2.0, TypeError), ("summary_every", -5, ValueError),
     ("tensorboard", "yes", TypeError), ("tensorboard", 1, TypeError),
     ("log_errors", "ignore", ValueError), ("log_errors", None, TypeError),
-    ("grad_scaler", "x", TypeError),
+    ("grad_scaler", "x", TypeError), ("windows", [1], TypeError),
 ]
 
 

@@ -21,6 +21,15 @@ Files (numpy and pandas read each directly):
                 scalar "steps"). The per-element weight.temporal_var is not written (it is
                 weight-sized; mon.summary() and state_dict() have it). Written as
                 summaries/.step_{step:09d}.npz.tmp, then os.replace'd.
+  windows/{statistic}.f64
+                with instrument's `windows` option: one record per closed window of that
+                statistic, float64 little-endian: the run's step at its close, its
+                first_step and last_step (Monitor.steps), then the per-neuron values of
+                each column [layer, key, neurons] that run.json's "windows" lists. Appended
+                in one write per record; a partial last record (a killed write) is ignored
+                by load_run and cut before the next append. Read it with
+                np.fromfile(path, "<f8").reshape(-1, 3 + sum of the columns' neurons), or
+                lf.load_run(dir).windows[statistic] (a WindowRows of [W] and [W, N] arrays).
   tensorboard/  with tensorboard=True: scalars "{layer}/{metric}" every log_every steps,
                 histograms "{layer}/weight.spread" and "{layer}/bias.spread" per summary.
 `step` is the run's step: Monitor.step() calls since the run began. reset() does not restart
@@ -54,7 +63,7 @@ summaries of 9.4 MB each: for wide models, raise summary_every.
 Resume: Monitor.state_dict() holds {"run_id", "step"} and waits for the writer. A new
 process calls instrument(..., log_dir=same dir), then load_state_dict(checkpoint): rows of
 metrics.csv after the checkpoint's step (logged by the crashed run after its checkpoint) are
-dropped by rewriting the file atomically, later summaries are deleted, TensorBoard purges
+dropped by rewriting the file atomically, later summaries and window records are deleted, TensorBoard purges
 later events, and logging goes on from the checkpoint's step: no gap, no duplicated step.
 
 Refused: a log_dir holding another run with other layers or statistics options (ValueError
@@ -67,8 +76,8 @@ write that succeeds (when space returns). Temp files of writes a killed run left
 when a run directory is opened. With log_errors="raise" the next step(), flush() or close()
 raises RuntimeError instead.
 """
-from .load import Metrics, Run, load_run
+from .load import Metrics, Run, WindowRows, load_run
 from .runlog import LOG_OPTIONS, RunLog
 from .writer import QUEUE_SIZE, summary_writer_class
 
-__all__ = ["LOG_OPTIONS", "QUEUE_SIZE", "Metrics", "Run", "RunLog", "load_run", "summary_writer_class"]
+__all__ = ["LOG_OPTIONS", "QUEUE_SIZE", "Metrics", "Run", "WindowRows", "RunLog", "load_run", "summary_writer_class"]

@@ -8,10 +8,14 @@ import os
 import re
 from typing import Any, BinaryIO, Callable
 
+import numpy as np
+
 
 
 FORMAT = 1
 RUN_FILE, METRICS_FILE, SUMMARY_DIR, TB_DIR = "run.json", "metrics.csv", "summaries", "tensorboard"
+WINDOW_DIR = "windows"
+WINDOW_HEAD = ("step", "first_step", "last_step")  # the first values of a window record
 SUMMARY_NAME = re.compile(r"step_(\d{9,})\.npz")
 
 
@@ -63,7 +67,7 @@ def cut_partial_line(path: str, header: str) -> None:
 
 
 def has_data(path: str) -> bool:
-    """The directory holds logged steps: metrics rows or summaries."""
+    """The directory holds logged steps: metrics rows, summaries or window records."""
     try:
         with open(os.path.join(path, METRICS_FILE), "rb") as f:
             head = f.read(65536)
@@ -72,7 +76,10 @@ def has_data(path: str) -> bool:
             return True
     except FileNotFoundError:
         pass
-    sdir = os.path.join(path, SUMMARY_DIR)
+    sdir, wdir = os.path.join(path, SUMMARY_DIR), os.path.join(path, WINDOW_DIR)
+    if os.path.isdir(wdir) and any(f.endswith(".f64") and os.path.getsize(os.path.join(wdir, f))
+                                   for f in os.listdir(wdir)):
+        return True
     return os.path.isdir(sdir) and any(SUMMARY_NAME.fullmatch(f) for f in os.listdir(sdir))
 
 
@@ -95,6 +102,36 @@ def truncate_after(path: str, step: int, columns) -> None:
         if m and int(m.group(1)) > step:
             os.remove(os.path.join(sdir, name))
     remove_temp_files(path)
+    for statistic, layout in window_layouts(read_run_info(path)).items():
+        cut_window_records(path, statistic, layout, after_step=step)
+
+
+def window_file(path: str, statistic: str) -> str:
+    return os.path.join(path, WINDOW_DIR, f"{statistic}.f64")
+
+
+def window_layouts(info: dict[str, Any]) -> dict[str, list]:
+    """{statistic: [[layer, key, neurons], ...]} of run.json's "windows"."""
+    return {s: w["columns"] for s, w in (info.get("windows") or {}).items()}
+
+
+def record_width(layout) -> int:
+    return len(WINDOW_HEAD) + sum(n for _, _, n in layout)
+
+
+def cut_window_records(path: str, statistic: str, layout, after_step: int | None = None) -> None:
+    """Cut a window file to whole records (a write that was killed or failed leaves part of
+    one), and with `after_step` drop the records of later steps (a resume)."""
+    file = window_file(path, statistic)
+    if not os.path.exists(file):
+        return
+    width = record_width(layout) * 8
+    keep = os.path.getsize(file) // width
+    if after_step is not None and keep:
+        steps = np.memmap(file, dtype="<f8", mode="r", shape=(keep, width // 8))[:, 0]
+        keep = int(np.searchsorted(steps, after_step, side="right"))
+        del steps
+    os.truncate(file, keep * width)
 
 
 def is_temp_file(name: str) -> bool:
@@ -149,7 +186,7 @@ def read_csv(file: str) -> tuple[list[str] | None, list[tuple[int, list[str]]]]:
 
 # run.json's fields that load_run and a resume read, with the type each must have
 RUN_FIELDS = {"format": int, "run_id": str, "layers": list, "neurons": dict, "options": dict,
-              "metric_columns": list, "resumes": list}
+              "metric_columns": list, "resumes": list, "windows": dict}
 _JSON_TYPES = {int: "integer", str: "string", list: "array", dict: "object"}
 
 
@@ -179,4 +216,11 @@ def read_run_info(path: str) -> dict[str, Any]:
     for key in ("layers", "metric_columns"):
         if not all(isinstance(v, str) for v in info.get(key, [])):
             raise ValueError(f"corrupt run file {file}: {key!r} must list names (strings)")
+    for statistic, w in info.get("windows", {}).items():
+        columns = w.get("columns") if isinstance(w, dict) else None
+        if not isinstance(columns, list) or not all(
+                isinstance(c, list) and len(c) == 3 and isinstance(c[0], str)
+                and isinstance(c[1], str) and isinstance(c[2], int) for c in columns):
+            raise ValueError(f"corrupt run file {file}: windows[{statistic!r}] must hold "
+                             f"'columns': [[layer, key, neurons], ...]")
     return info

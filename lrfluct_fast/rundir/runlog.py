@@ -11,10 +11,11 @@ from typing import Any
 
 import torch
 
-from .. import distributed, metrics
-from .files import (FORMAT, METRICS_FILE, RUN_FILE, SUMMARY_DIR, atomic_write, csv_header, has_data,
-                    read_run_info, remove_temp_files, truncate_after, write_json)
-from .writer import Item, Writer, snapshot
+from .. import distributed, metrics, options, windows
+from .files import (FORMAT, METRICS_FILE, RUN_FILE, SUMMARY_DIR, WINDOW_DIR, atomic_write, csv_header, has_data,
+                    read_run_info, remove_temp_files, truncate_after, window_layouts,
+                    write_json)
+from .writer import Item, WindowItem, Writer, snapshot
 
 
 # instrument() options that only say where and how often to write: they may change when a
@@ -49,11 +50,21 @@ class RunLog:
             "neurons": {name: st.neurons for name, st in states},
             "metric_columns": self.columns, "resumes": [],
         }
+        win = monitor._windows
+        if win is not None:
+            self.info["windows"] = {
+                statistic: {"every": every, "record": "float64 little-endian: step, first_step, "
+                                                      "last_step, then each column's values",
+                            "columns": [[name, key, monitor.states[name].neurons]
+                                        for name in win.layers(statistic)
+                                        for key in windows.ROW_KEYS[statistic]]}
+                for statistic, every in win.every.items()}
         self._open()
         specs = {name: (dict(st.track), st.weight_mode) for name, st in states}
         self.writer = Writer(self.path, specs,
                               dict(dead_threshold=opts["dead_threshold"], energy=opts["energy"]),
-                              self.columns, opts["tensorboard"], opts["log_errors"])
+                              self.columns, opts["tensorboard"], opts["log_errors"],
+                              window_layouts(self.info))
         weakref.finalize(monitor, self.writer.stop_soon)
 
     def _open(self) -> None:
@@ -67,7 +78,8 @@ class RunLog:
             return self._create()
         theirs = read_run_info(self.path)
         stats = {k: v for k, v in self.info["options"].items() if k not in LOG_OPTIONS}
-        their_stats = {k: v for k, v in theirs.get("options", {}).items() if k not in LOG_OPTIONS}
+        their_stats = {k: v for k, v in {**options.DEFAULTS, **theirs.get("options", {})}.items()
+                       if k not in LOG_OPTIONS}  # DEFAULTS: options added since that run
         if theirs["layers"] != self.info["layers"] or their_stats != stats:
             raise ValueError(
                 f"log_dir {self.path} holds run {theirs['run_id']} of other layers or options "
@@ -80,6 +92,7 @@ class RunLog:
 
     def _create(self) -> None:
         os.makedirs(os.path.join(self.path, SUMMARY_DIR), exist_ok=True)
+        os.makedirs(os.path.join(self.path, WINDOW_DIR), exist_ok=True)
         write_json(os.path.join(self.path, RUN_FILE), self.info)
         atomic_write(os.path.join(self.path, METRICS_FILE), csv_header(self.columns).encode())
 
@@ -129,6 +142,18 @@ class RunLog:
             event.record()
         self.writer.put(Item(self.step, monitor.steps, bufs, gathered, layout,
                               want_metrics, want_summary, event))
+
+    def put_window(self, row) -> None:
+        """A closed window (windows.py: statistic, first and last step, device copies) to the
+        writer, as a record of this run step."""
+        if self.writer is None:
+            return
+        statistic, first, last, copies = row
+        event = None
+        if any(t.is_cuda for b in copies.values() for t in b.values()):
+            event = torch.cuda.Event()
+            event.record()
+        self.writer.put(WindowItem(self.step, statistic, first, last, copies, event))
 
     def flush(self, monitor) -> None:
         self._check_pending()
