@@ -203,3 +203,43 @@ def test_bad_window_arguments_refused():
     mon.remove()
     with pytest.raises(ValueError, match="close_windows\\(\\) needs windows"):
         lf.instrument(net).close_windows()
+
+
+class _Tied(torch.nn.Module):
+    """An embedding and a head sharing one weight (recorded once, by its first layer)."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = torch.nn.Embedding(10, 6)
+        self.head = torch.nn.Linear(6, 10, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, idx):
+        return self.head(torch.tanh(self.emb(idx)))
+
+
+@pytest.mark.parametrize("weight_mode", ["element", "neuron"])
+def test_whole_run_with_tied_weights_and_neuron_mode(weight_mode):
+    """A tied weight's window state is merged into its totals once; both weight modes keep
+    the whole run equal to a monitor without windows, and rows have a spread per neuron."""
+    runs = []
+    for windows in ({"weight": 2, "gradient": 3}, None):
+        torch.manual_seed(0)
+        model = _Tied()
+        mon = lf.instrument(model, windows=windows, weight_mode=weight_mode)
+        opt = torch.optim.SGD(model.parameters(), lr=0.3)
+        for step in range(5):
+            opt.zero_grad()
+            model(torch.randint(0, 10, (4,), generator=torch.Generator().manual_seed(step))).square().mean().backward()
+            opt.step()
+            mon.step()
+        runs.append(mon)
+    got, want = runs[0].summary(), runs[1].summary()
+    for layer in want:
+        for key, w in want[layer].items():
+            np.testing.assert_allclose(got[layer][key], w, rtol=1e-5, atol=1e-12, err_msg=f"{layer} {key}")
+    rows = [r for r in runs[0].closed_windows() if r.statistic == "weight"]
+    assert [(r.first_step, r.last_step) for r in rows] == [(1, 2), (3, 4)]
+    for r in rows:
+        assert r.layers["emb"]["weight.spread"].shape == (6,)
+        assert r.layers["head"]["weight.spread"].shape == (10,)
