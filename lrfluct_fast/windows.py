@@ -58,9 +58,11 @@ def _merge_into(total: dict[str, torch.Tensor], window: dict[str, torch.Tensor],
         ops.merge_stats(total["counts"], total["moments"], window["counts"], window["moments"])
         return
     # a temporal state: counts implicit (calls - skipped); moments [3, *S] as batch moments
-    def packed(parts):
-        n = ops.temporal_counts(parts["tally"], parts["skipped"]).reshape(-1)
-        return torch.stack([n, torch.zeros_like(n), parts["skipped"].reshape(-1).long()])
+    def packed(parts):  # [3, M] batch counts: only the COUNT row matters to the moments
+        counts = torch.zeros(3, parts["skipped"].numel(), dtype=torch.int64,
+                             device=parts["skipped"].device)
+        torch.sub(parts["tally"][ops.CALLS], parts["skipped"].reshape(-1), out=counts[ops.COUNT])
+        return counts
     moments = total["moments"].view(3, -1)
     ops.merge_stats(packed(total), moments, packed(window), window["moments"].view(3, -1))
     total["tally"] += window["tally"]
