@@ -100,6 +100,7 @@ def check(options: dict[str, Any]) -> dict[str, Any]:
         check_flag(key, opts[key])
     for key in ("every", "log_every", "summary_every"):
         check_count(key, opts[key])
+        opts[key] = int(opts[key])  # a numpy integer too; saved in run.json: a plain int
     check_choice("weight_mode", opts["weight_mode"], WEIGHT_MODES)
     check_choice("energy", opts["energy"], sorted(metrics.ENERGIES))
     check_choice("log_errors", opts["log_errors"], LOG_ERRORS)

@@ -593,6 +593,7 @@ def test_good_option_values_accepted():
     mon = lf.instrument(build("mlp"), dead_threshold=np.float32(0.5), every=np.int64(2),
                         weight_mode="neuron", energy="gradient")
     assert mon.options["dead_threshold"] == 0.5 and type(mon.options["dead_threshold"]) is float
+    assert mon.options["every"] == 2 and type(mon.options["every"]) is int
     mon.remove()
     lf.instrument(build("mlp"), dead_threshold=0).remove()
     lf.instrument(build("mlp"), dead_threshold=1).remove()
