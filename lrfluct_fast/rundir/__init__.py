@@ -58,7 +58,9 @@ Disk (measured): metrics.csv grows ~100 bytes per layer per logged step (9 colum
 in Python's shortest repr); a summary file is ~3.5 kB per layer (12 arrays with their
 npy and zip headers) plus 88 bytes per neuron (11 float64/int64 values). E.g. 100 layers of
 1024 neurons, log_every=100, summary_every=1000, 100k steps: 10 MB of metrics.csv and 100
-summaries of 9.4 MB each: for wide models, raise summary_every.
+summaries of 9.4 MB each: for wide models, raise summary_every. A window record is
+8 bytes x (3 + the sum over its columns of their neurons): gradient windows of every step
+on 100 layers of 1024 neurons add 3.3 MB per step.
 
 Resume: Monitor.state_dict() holds {"run_id", "step"} and waits for the writer. A new
 process calls instrument(..., log_dir=same dir), then load_state_dict(checkpoint): rows of
