@@ -34,7 +34,9 @@ Options (keyword arguments of `instrument`):
 
 Under an initialized torch.distributed process group, summary(), metrics() and logging merge
 every rank's activation and gradient statistics (distributed.py): they are collectives, to be
-called on every rank. FSDP is refused.
+called on every rank. A model sharded by FSDP2 (fully_shard) is monitored when instrumented
+after sharding: each rank keeps the weight statistics of its own shard (fsdp.py); state_dict()
+is then per rank.
 """
 from __future__ import annotations
 
@@ -47,7 +49,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from . import distributed, metrics, ops, rundir
+from . import distributed, fsdp, metrics, ops, rundir
 from .layers import kind_of, parameter_kind, parameter_value
 from .nn import GradScale, LayerState, unwrap, wrap
 
@@ -112,10 +114,10 @@ class Monitor:
             for role in ("weight", "bias"):
                 if not st.track[role] or (role == "weight" and st.weight_shared_with is not None):
                     continue
-                value = parameter_value(m, st.params[role])
-                st.check_placement(f"its {role}", value,
-                                   st.weight_shape if role == "weight" else st.bias_shape)
-                direct = isinstance(value, nn.Parameter) and (role == "bias" or st.weight_mode == "element")
+                value = st.local_value(role, parameter_value(m, st.params[role]))
+                st.check_placement(f"its {role}", value, st.recorded_shape(role))
+                direct = (isinstance(value, nn.Parameter) and role not in st.shards
+                          and (role == "bias" or st.weight_mode == "element"))
                 if direct:  # the parameter itself, read in place: nothing to compute per step
                     plan.read_in_place(m, st.params[role], value, st.temporal_state(role))
                 else:       # parametrized, or the per-neuron RMS: computed each step
@@ -215,6 +217,9 @@ class Monitor:
         sd = {"version": STATE_VERSION, "steps": self.steps, "options": dict(self.options),
               "layers": {name: {k: t.clone() for k, t in st.buffers.items()}
                          for name, st in self._states()}}
+        sharding = fsdp.sharding_info(self._states())
+        if sharding is not None:  # FSDP: this rank's shards; loaded on the same rank only
+            sd["sharding"] = sharding
         if self._run is not None:
             sd["run"] = self._run.state_dict()  # waits until the files hold every logged step
         return sd
@@ -229,6 +234,7 @@ class Monitor:
                             for o in (sd["options"], self.options))
         if saved_opts != opts:
             raise ValueError(f"monitor options differ: saved {saved_opts}, now {opts}")
+        fsdp.check_resume(sd.get("sharding"), fsdp.sharding_info(self._states()))
         if set(sd["layers"]) != set(self.layers):
             raise ValueError(f"monitored layers differ: saved {sorted(sd['layers'])}, "
                              f"now {sorted(self.layers)}")
@@ -327,9 +333,8 @@ class _StepPlan:
 
 def _computed_value(module: nn.Module, state: LayerState, role: str) -> torch.Tensor:
     """This step's observation of a weight or bias step() cannot read in place, checked first."""
-    value = parameter_value(module, state.params[role])
-    state.check_placement(f"its {role}", value,
-                          state.weight_shape if role == "weight" else state.bias_shape)
+    value = state.local_value(role, parameter_value(module, state.params[role]))
+    state.check_placement(f"its {role}", value, state.recorded_shape(role))
     return state.weight_observation(value) if role == "weight" else value.detach()
 
 
@@ -371,7 +376,7 @@ def instrument(model: nn.Module, **options) -> Monitor:
                         f"known: {sorted(_OPTION_DEFAULTS)}")
     opts = {**_OPTION_DEFAULTS, **options}
     rundir.check_options(opts)
-    distributed.check_not_sharded(model)
+    fsdp.check_model(model)
     if not isinstance(opts["every"], int) or opts["every"] < 1:
         raise ValueError(f"every must be an integer >= 1, got {opts['every']!r}")
     if opts["weight_mode"] not in ("element", "neuron"):

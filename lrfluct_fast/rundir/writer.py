@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 import numpy as np
-from .. import distributed, metrics, ops
+from .. import distributed, fsdp, metrics, ops
 from .files import METRICS_FILE, SUMMARY_DIR, TB_DIR, cut_partial_line, csv_header
 
 
@@ -35,24 +35,28 @@ def summary_writer_class():
 
 # -- snapshot: the only work a logging step does on the statistics --------------------------
 @torch.no_grad()
-def snapshot(states, *, per_rank: bool = True) -> dict[str, dict[str, torch.Tensor]]:
+def snapshot(states, *, per_rank: bool = True, spreads=None) -> dict[str, dict[str, torch.Tensor]]:
     """Device-side copies of what a logged step needs: {layer: {buffer key: tensor}}.
 
     The element-mode weight state (weight-sized) is replaced by its per-neuron
     "weight.spread"; per_rank=False leaves out the activation and gradient statistics
-    (they travel through distributed.pack instead).
+    (they travel through distributed.pack instead). `spreads` (fsdp.gathered_spreads) stand
+    in for the temporal state of FSDP-sharded weights and biases.
     """
     out = {}
     for name, st in states:
         snap = {}
-        element = st.track["weight"] and st.weight_mode == "element"
+        sharded = fsdp.sharded_roles(st)
+        element = st.track["weight"] and st.weight_mode == "element" and "weight" not in sharded
         for key, t in st.buffers.items():
             kind = key.partition(".")[0]
-            if (kind == "weight" and element) or (kind in distributed.PER_RANK and not per_rank):
+            if ((kind == "weight" and element) or (kind in distributed.PER_RANK and not per_rank)
+                    or kind in sharded):
                 continue
             snap[key] = t.clone()
         if element:
             snap["weight.spread"] = _weight_spread(st, *st.temporal_state("weight"))
+        snap.update((spreads or {}).get(name, {}))
         out[name] = snap
     return out
 
