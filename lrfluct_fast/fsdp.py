@@ -18,9 +18,11 @@ How a sharded model is monitored (instrument after fully_shard, on every rank):
   every rank: each rank sums, per neuron, the temporal variances of the elements of its shard,
   and one all_reduce adds the ranks' sums. The per-element "weight.temporal_var" (the size of
   the model) is not gathered: it is absent from the summaries of sharded layers.
-  weight_mode="neuron" needs whole neurons in a shard (neurons on dim 0); a layer whose
-  neurons lie on another axis (Embedding, ConvTranspose, transformers' Conv1D) needs
-  weight_mode="element" there.
+  weight_mode="neuron" records each neuron's RMS weight: computed in the shard when the
+  shard holds whole neurons (neurons on dim 0); when the neurons lie on another axis
+  (Embedding, transformers' Conv1D) every rank holds a part of each, and Monitor.step adds
+  the ranks' sums of squares with one all_reduce per such layer (the same [N] state on every
+  rank). A ConvTranspose in neuron mode is refused (weight_mode="element" serves it).
 Refused with an error: FSDP1 (FullyShardedDataParallel), DTensor parameters that fully_shard
 did not make (tensor parallel), placements other than Shard(0) on a 1-D mesh over every rank
 (HSDP, 2-D parallelism, shard_placement_fn), instrument while FSDP holds unsharded parameters,
@@ -147,18 +149,36 @@ def shards_of(layer: str, values: dict) -> dict[str, LocalShard]:
     return out
 
 
-def check_neuron_mode(layer: str, kind, weight: torch.Tensor) -> None:
-    """weight_mode="neuron" on a sharded weight needs each shard to hold whole neurons."""
+def neurons_split(layer: str, kind, weight) -> bool:
+    """weight_mode="neuron" on a sharded weight: False when each shard holds whole neurons
+    (neurons on dim 0), True when every rank holds a part of each (neurons on another axis:
+    Embedding, transformers' Conv1D); refused for a layout only the kind's weight_rows knows."""
     axis = kind.weight[1] % weight.dim()
-    if axis != 0:
-        raise ValueError(f"layer {layer!r}: weight_mode='neuron' needs whole neurons in each "
-                         f"FSDP shard, but its neurons lie on dim {axis} of its weight and FSDP "
-                         f"shards dim 0: use weight_mode='element'")
+    if axis != 0 and kind.weight_rows is not None:
+        raise ValueError(f"layer {layer!r} ({type(weight).__name__} weight of "
+                         f"{list(weight.shape)}): weight_mode='neuron' cannot split its neurons' "
+                         f"weights between FSDP shards: use weight_mode='element'")
+    return axis != 0
+
+
+def rms_over_ranks(local: torch.Tensor, dims: list[int], whole_shape: tuple) -> torch.Tensor:
+    """float32 [N]: each neuron's RMS weight when every rank holds some of its weights (dims:
+    the axes other than the neurons'); the ranks' sums of squares added by one all_reduce, a
+    collective in Monitor.step."""
+    squares = torch.linalg.vector_norm(local, dim=dims, dtype=torch.float32).square_()
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(squares)
+    fan_in = 1
+    for d in dims:
+        fan_in *= whole_shape[d]
+    return squares.div_(fan_in).sqrt_()
 
 
 def sharded_roles(state) -> set[str]:
-    """The roles ("weight", "bias") whose temporal state holds a local shard only."""
-    return {role for role in state.shards if state.track[role]}
+    """The roles ("weight", "bias") whose temporal state holds a local shard only (not the
+    per-neuron RMS of split neurons, the same on every rank)."""
+    return {role for role in state.shards
+            if state.track[role] and not (role == "weight" and state.neurons_split)}
 
 
 def gathered_spreads(states) -> dict[str, dict[str, torch.Tensor]]:

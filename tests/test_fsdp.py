@@ -55,9 +55,9 @@ class FeedForward(nn.Module):
 
 
 class ShardNet(nn.Module):
-    def __init__(self, embedding: bool = True):
+    def __init__(self):
         super().__init__()
-        self.inp = nn.Embedding(VOCAB, D) if embedding else nn.Linear(VOCAB, D)
+        self.inp = nn.Embedding(VOCAB, D)
         self.block1, self.block2 = FeedForward(checkpointed=True), FeedForward(checkpointed=False)
         self.head = nn.Linear(D, 2)
 
@@ -65,9 +65,9 @@ class ShardNet(nn.Module):
         return self.head(self.block2(self.block1(self.inp(x))))
 
 
-def build(seed: int = 0, embedding: bool = True) -> ShardNet:
+def build(seed: int = 0) -> ShardNet:
     torch.manual_seed(seed)
-    return ShardNet(embedding)
+    return ShardNet()
 
 
 def shard(model: ShardNet, mesh, mp_policy=None) -> ShardNet:
@@ -81,11 +81,10 @@ def shard(model: ShardNet, mesh, mp_policy=None) -> ShardNet:
     return model
 
 
-def data(world: int, embedding: bool = True, steps: int = STEPS):
-    """[step][micro] inputs of ROWS * world rows (tokens, or their one-hot rows)."""
+def data(world: int):
+    """[step][micro] token inputs of ROWS * world rows."""
     g = torch.Generator().manual_seed(7)
-    tokens = torch.randint(0, VOCAB, (steps, MICRO, ROWS * world, SEQ), generator=g)
-    return tokens if embedding else F.one_hot(tokens, VOCAB).float()
+    return torch.randint(0, VOCAB, (STEPS, MICRO, ROWS * world, SEQ), generator=g)
 
 
 def train(model, mon, opt, steps, rows, total_rows, sync=None, first=0):
@@ -107,16 +106,23 @@ def _flat(summary):
 # ---------------------------------------------------------------------------------------
 # the ranks
 # ---------------------------------------------------------------------------------------
-def _run(rank, world, mesh, tmp, *, embedding=True, weight_mode="element", mp_policy=None,
-         log_dir=None):
-    """One training run; returns (model, optimizer, monitor, its summary)."""
-    model = shard(build(0, embedding), mesh, mp_policy)
-    mon = lf.instrument(model, weight_mode=weight_mode, log_dir=log_dir, log_every=1,
-                        summary_every=STEPS)
-    opt = torch.optim.SGD(model.parameters(), lr=LR * world, momentum=0.9)
-    train(model, mon, opt, data(world, embedding), slice(rank * ROWS, (rank + 1) * ROWS),
-          MICRO * ROWS * world, sync=model.set_requires_gradient_sync)
-    return model, opt, mon, mon.summary()
+def _sharded(world, mesh, seed=0, mp_policy=None, **options):
+    """(model, monitor, optimizer): a model sharded, then instrumented."""
+    model = shard(build(seed), mesh, mp_policy)
+    mon = lf.instrument(model, **options)
+    return model, mon, torch.optim.SGD(model.parameters(), lr=LR * world, momentum=0.9)
+
+
+def _train_rank(rank, world, model, mon, opt, steps):
+    train(model, mon, opt, steps, slice(rank * ROWS, (rank + 1) * ROWS), MICRO * ROWS * world,
+          sync=model.set_requires_gradient_sync)
+
+
+def _run(rank, world, mesh, mp_policy=None, **options):
+    """One training run; returns (model, monitor, its summary)."""
+    model, mon, opt = _sharded(world, mesh, mp_policy=mp_policy, **options)
+    _train_rank(rank, world, model, mon, opt, data(world))
+    return model, mon, mon.summary()
 
 
 def _refusals(rank, world, mesh):
@@ -139,7 +145,9 @@ def _refusals(rank, world, mesh):
     dim1 = nn.Sequential(nn.Linear(6, 6))
     fully_shard(dim1, mesh=mesh, shard_placement_fn=lambda p: Shard(p.dim() - 1))
     refused("placement", lambda: lf.instrument(dim1))
-    refused("neuron_mode", lambda: lf.instrument(shard(build(), mesh), weight_mode="neuron"))
+    deconv = nn.Sequential(nn.ConvTranspose1d(4, 3, 2))
+    fully_shard(deconv, mesh=mesh)
+    refused("neuron_mode", lambda: lf.instrument(deconv, weight_mode="neuron"))
     unsharded = shard(build(), mesh)
     unsharded(data(world)[0, 0])  # the root keeps its unsharded parameters after a forward
     refused("unsharded", lambda: lf.instrument(unsharded))
@@ -159,40 +167,30 @@ def _resume(rank, world, mesh, tmp):
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-    rows, total = slice(rank * ROWS, (rank + 1) * ROWS), MICRO * ROWS * world
     steps = data(world)
-    model = shard(build(0), mesh)
-    mon = lf.instrument(model)
-    opt = torch.optim.SGD(model.parameters(), lr=LR * world, momentum=0.9)
-    train(model, mon, opt, steps[:-1], rows, total, sync=model.set_requires_gradient_sync)
+    model, mon, opt = _sharded(world, mesh)
+    _train_rank(rank, world, model, mon, opt, steps[:-1])
     ckpt = os.path.join(tmp, f"ckpt{world}")
     model_sd, opt_sd = get_state_dict(model, opt)
     dcp.save({"model": model_sd, "optim": opt_sd}, checkpoint_id=ckpt)
     torch.save(mon.state_dict(), os.path.join(ckpt, f"monitor_rank{rank}.pt"))
     dist.barrier()
 
-    model = shard(build(1), mesh)  # other initial weights: all must come from the checkpoint
-    mon = lf.instrument(model)
-    opt = torch.optim.SGD(model.parameters(), lr=LR * world, momentum=0.9)
+    model, mon, opt = _sharded(world, mesh, seed=1)  # other weights: all from the checkpoint
     model_sd, opt_sd = get_state_dict(model, opt)
     state = {"model": model_sd, "optim": opt_sd}
     dcp.load(state, checkpoint_id=ckpt)
     set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
-    out = {}
-    other = torch.load(os.path.join(ckpt, f"monitor_rank{(rank + 1) % world}.pt"), weights_only=False)
-    try:
-        mon.load_state_dict(other)
-    except ValueError as e:
-        out["other_rank"] = str(e)
+    out, wrong = {}, {"other_rank": os.path.join(ckpt, f"monitor_rank{(rank + 1) % world}.pt")}
     if world == 3:  # the 2-rank run's states on 3 ranks
+        wrong["other_world"] = os.path.join(tmp, "..", "w2", "ckpt2", f"monitor_rank{rank % 2}.pt")
+    for key, path in wrong.items():
         try:
-            mon.load_state_dict(torch.load(os.path.join(tmp, "..", "w2", "ckpt2",
-                                                        f"monitor_rank{rank % 2}.pt"),
-                                           weights_only=False))
+            mon.load_state_dict(torch.load(path))
         except ValueError as e:
-            out["other_world"] = str(e)
-    mon.load_state_dict(torch.load(os.path.join(ckpt, f"monitor_rank{rank}.pt"), weights_only=False))
-    train(model, mon, opt, steps[-1:], rows, total, sync=model.set_requires_gradient_sync)
+            out[key] = str(e)
+    mon.load_state_dict(torch.load(os.path.join(ckpt, f"monitor_rank{rank}.pt")))
+    _train_rank(rank, world, model, mon, opt, steps[-1:])
     return mon.summary(), out
 
 
@@ -206,7 +204,8 @@ def _worker(rank, world, tmp):
                                 timeout=datetime.timedelta(seconds=60))
         mesh = init_device_mesh("cpu", (world,))
         info = {}
-        model, _, mon, summary = _run(rank, world, mesh, tmp, log_dir=os.path.join(tmp, "run"))
+        model, mon, summary = _run(rank, world, mesh, log_dir=os.path.join(tmp, "run"),
+                                   log_every=1, summary_every=STEPS)
         np.savez(os.path.join(tmp, f"element{rank}.npz"), **_flat(summary))
         info["memory"] = mon.memory_bytes()
         head = type(model.head)
@@ -216,10 +215,10 @@ def _worker(rank, world, tmp):
         info["head_class_removed"] = type(model.head).__name__
         model(data(world)[0, 0]).sum().backward()  # FSDP still runs the unwrapped model
         if world == 2:
-            *_, summary = _run(rank, world, mesh, tmp, embedding=False, weight_mode="neuron")
+            *_, summary = _run(rank, world, mesh, weight_mode="neuron")
             np.savez(os.path.join(tmp, f"neuron{rank}.npz"), **_flat(summary))
             policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-            _, _, mon, summary = _run(rank, world, mesh, tmp, mp_policy=policy)
+            _, mon, summary = _run(rank, world, mesh, mp_policy=policy)
             np.savez(os.path.join(tmp, f"bf16_{rank}.npz"), **_flat(summary))
             info["bf16_memory"] = mon.memory_bytes()
             info["refusals"] = _refusals(rank, world, mesh)
@@ -271,11 +270,11 @@ def ranks(tmp_path_factory):
 # ---------------------------------------------------------------------------------------
 # the single process
 # ---------------------------------------------------------------------------------------
-def single_process(world, embedding=True, weight_mode="element"):
-    model = build(0, embedding)
+def single_process(world, weight_mode="element"):
+    model = build(0)
     mon = lf.instrument(model, weight_mode=weight_mode)
     opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9)
-    train(model, mon, opt, data(world, embedding), slice(None), MICRO * ROWS * world)
+    train(model, mon, opt, data(world), slice(None), MICRO * ROWS * world)
     return mon, _flat(mon.summary())
 
 
@@ -343,7 +342,7 @@ def test_sharded_summaries_equal_single_process(ranks, world):
 
 def test_neuron_mode_and_mixed_precision(ranks):
     tmp = ranks[2]
-    _, want = single_process(2, embedding=False, weight_mode="neuron")
+    _, want = single_process(2, weight_mode="neuron")
     for r, got in enumerate(_load(tmp, "neuron", 2)):
         assert_matches(got, want, msg=f"neuron mode, rank {r}")
     # bf16 parameters in the forward and backward, float32 shards and reduction: the
@@ -384,6 +383,6 @@ def test_refusals(ranks):
         assert "FSDP1" in got["fsdp1"] and "fully_shard" in got["fsdp1"]
         assert "fully_shard did not make" in got["tensor_parallel"] and "Shard(0)" in got["tensor_parallel"]
         assert "placements (Shard(dim=1),)" in got["placement"]
-        assert "weight_mode='neuron'" in got["neuron_mode"] and "'inp'" in got["neuron_mode"]
+        assert "weight_mode='neuron'" in got["neuron_mode"] and "'0'" in got["neuron_mode"]
         assert "unsharded parameters" in got["unsharded"]
         assert "after instrument()" in got["late"] and "instrument after fully_shard" in got["late"]

@@ -117,10 +117,12 @@ class LayerState:
         self.weight_shared_with: str | None = None  # the layer that records a tied weight
         # FSDP2: the weight and bias temporal state covers this rank's shard only (fsdp.py)
         self.shards = fsdp.shards_of(name, {"weight": weight, "bias": bias})
-        if "weight" in self.shards and weight_mode == "neuron" and self.track["weight"]:
-            fsdp.check_neuron_mode(name, kind, weight)
-        if self.track["weight"]:
-            self._add_temporal("weight", self.weight_observation(self.local_value("weight", weight)))
+        # neuron mode with each rank holding a part of every neuron: the RMS needs every rank
+        self.neurons_split = ("weight" in self.shards and weight_mode == "neuron"
+                              and self.track["weight"] and fsdp.neurons_split(name, kind, weight))
+        if self.track["weight"]:  # (the split RMS is a collective: not computed here)
+            self._add_temporal("weight", torch.empty(self.neurons, device=dev) if self.neurons_split
+                               else self.weight_observation(self.local_value("weight", weight)))
         if self.track["bias"]:
             self._add_temporal("bias", self.local_value("bias", bias))
         self.bias_shape = None if bias is None else tuple(bias.shape)
@@ -269,6 +271,8 @@ class LayerState:
             fan_in = math.prod(w.shape[d] for d in others)
             if not others:
                 return w.float().abs()
+            if self.neurons_split:  # w is this rank's shard: part of every neuron's weights
+                return fsdp.rms_over_ranks(w, others, self.shards["weight"].global_shape)
             return torch.linalg.vector_norm(w, dim=others, dtype=torch.float32).div_(math.sqrt(fan_in))
         rows = self.weight_rows(w)
         return torch.linalg.vector_norm(rows, dim=1, dtype=torch.float32).div_(math.sqrt(rows.shape[1]))
