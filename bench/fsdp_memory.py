@@ -6,8 +6,8 @@ Builds the `lrfluct bench` GPT (vocabulary 1024, d_model 512, 6 blocks, 8 heads)
 shards each block and the root with fully_shard over W gloo ranks, instruments it, trains one
 step, and prints per rank: Monitor.memory_bytes(), its share of the unsharded monitor's (the
 same model instrumented in one process), and the parameter bytes the rank holds. Every number
-is measured in this run. weight_mode="element" (the default): weight_mode="neuron" keeps
-O(neurons) state, and refuses the embeddings' sharded weights (neurons on dim 1).
+is measured in this run. weight_mode="element" (the default; weight_mode="neuron" keeps
+O(neurons) state in the first place).
 """
 from __future__ import annotations
 
