@@ -23,6 +23,12 @@ How a sharded model is monitored (instrument after fully_shard, on every rank):
   (Embedding, transformers' Conv1D) every rank holds a part of each, and Monitor.step adds
   the ranks' sums of squares with one all_reduce per such layer (the same [N] state on every
   rank). A ConvTranspose in neuron mode is refused (weight_mode="element" serves it).
+- A module fully_shard made an FSDP class of (FSDPLinear) is wrapped as any module: its
+  wrapper class (FluctFSDPLinear) derives from FSDP's, so FSDP's methods and hooks stay, and
+  Monitor.remove() gives FSDP's class back.
+- Monitor.state_dict() holds this rank's shards and says so ("sharding": world size, rank):
+  save it per rank with the model's checkpoint (torch.distributed.checkpoint), load it on the
+  same rank of the same number of ranks; any other is refused (no resharding).
 Refused with an error: FSDP1 (FullyShardedDataParallel), DTensor parameters that fully_shard
 did not make (tensor parallel), placements other than Shard(0) on a 1-D mesh over every rank
 (HSDP, 2-D parallelism, shard_placement_fn), instrument while FSDP holds unsharded parameters,
