@@ -162,7 +162,8 @@ class Monitor:
 
     # -- results --------------------------------------------------------------------------
     def summary(self) -> dict[str, dict[str, np.ndarray]]:
-        """{layer: {key: numpy array}} with the keys of DESIGN section 2."""
+        """{layer: {key: numpy array}} with the keys of DESIGN section 2 (on every rank, merged;
+        without weight.temporal_var for FSDP-sharded layers)."""
         self._check_live()
         host = distributed.host_buffers(self._states())  # every rank's batches, merged
         out = {name: metrics.layer_summary(host[name], track=st.track, weight_mode=st.weight_mode,
@@ -368,7 +369,8 @@ def instrument(model: nn.Module, **options) -> Monitor:
     their last dim); what cannot be served is listed in `monitor.skipped` as (name, reason).
     A module reachable under two names is wrapped once, under its first name.
     Instrument after moving the model to its device and dtype: a layer that later computes
-    on another device or in another precision raises at its next forward or step().
+    on another device or in another precision raises at its next forward or step(). Under
+    FSDP2, instrument after fully_shard (fsdp.py): a model sharded later raises at step().
     """
     unknown = set(options) - set(_OPTION_DEFAULTS)
     if unknown:

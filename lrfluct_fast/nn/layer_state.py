@@ -3,7 +3,8 @@
 Owns the buffers (activation and gradient (counts, moments), weight and bias temporal state),
 the decision whether a forward is observed, and the merge of a forward's and a backward's
 batch statistics into the buffers. It never touches the module's parameters, its output or
-its gradients, and never synchronises with the host.
+its gradients, and never synchronises with the host. Under FSDP2 the weight and bias temporal
+state is of this rank's shard (fsdp.LocalShard), the activation and gradient state of all neurons.
 """
 from __future__ import annotations
 
