@@ -211,6 +211,12 @@ def _worker(rank, world, tmp):
         head = type(model.head)
         info["head_class"] = [head.__name__, issubclass(head, FSDPModule)]
         mon.close()
+        for m in (model, model.block1, model.block2, model.head):
+            m.unshard()  # the modules hold whole parameters: step() reads the shards still
+        mon.step()       # (recording a whole parameter would raise: not the shard's shape)
+        info["step_unsharded"] = mon.steps
+        for m in (model, model.block1, model.block2, model.head):
+            m.reshard()
         mon.remove()
         info["head_class_removed"] = type(model.head).__name__
         model(data(world)[0, 0]).sum().backward()  # FSDP still runs the unwrapped model
@@ -337,6 +343,7 @@ def test_sharded_summaries_equal_single_process(ranks, world):
     for r in range(world):
         assert info[r]["memory"] < mon.memory_bytes()
     assert info[0]["head_class"] == ["FluctFSDPLinear", True]
+    assert all(i["step_unsharded"] == STEPS + 1 for i in info)
     assert info[0]["head_class_removed"] == "FSDPLinear"
 
 
