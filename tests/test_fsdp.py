@@ -5,7 +5,14 @@ Embedding (neurons on dim 1: each rank holds a share of every neuron), two block
 their own (one activation-checkpointed with reshard_after_forward=True, one with
 reshard_after_forward=False), LayerNorms (a kind with its own weight_rows) and a head Linear
 sharded alone (its class is FSDP's and the wrapper's at once) with 2 neurons, so the third
-of 3 ranks holds none of its rows. Every size is uneven on 2 and on 3 ranks.
+of 3 ranks holds none of its rows. The vocabulary (11) and the hidden width (7) split
+unevenly over 2 and 3 ranks.
+
+Runs: weight_mode="element" (both world sizes, with a run directory), weight_mode="neuron"
+and a bf16 MixedPrecisionPolicy (2 ranks), the refusals (2 ranks), and a resume from a
+checkpoint (model and optimizer by torch.distributed.checkpoint, the monitor per rank) that
+must give the uninterrupted run's summary bit for bit; the 3-rank run tries the 2-rank
+run's monitor states first.
 
 Why the runs agree: each optimizer step takes MICRO micro-batches (gradient accumulation; no
 gradient sync on the first); rank r trains on rows [ROWS r, ROWS (r + 1)) of each
