@@ -45,7 +45,9 @@ remove) belong to the training thread.
 
 Under an initialized torch.distributed process group, summary(), metrics() and logging merge
 every rank's activation and gradient statistics (distributed.py): they are collectives, to be
-called on every rank. FSDP is refused.
+called on every rank. A model sharded by FSDP2 (fully_shard) is monitored when instrumented
+after sharding: each rank keeps the weight statistics of its own shard (fsdp.py); state_dict()
+is then per rank.
 """
 from __future__ import annotations
 
@@ -59,7 +61,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from . import distributed, metrics, ops, rundir, windows
+from . import distributed, fsdp, metrics, ops, rundir, windows
 from . import options as options_
 from .layers import kind_of, parameter_kind, parameter_value
 from .nn import GradScale, LayerState, unwrap, wrap
@@ -133,10 +135,10 @@ class Monitor:
             for role in ("weight", "bias"):
                 if not st.track[role] or (role == "weight" and st.weight_shared_with is not None):
                     continue
-                value = parameter_value(m, st.params[role])
-                st.check_placement(f"its {role}", value,
-                                   st.weight_shape if role == "weight" else st.bias_shape)
-                direct = isinstance(value, nn.Parameter) and (role == "bias" or st.weight_mode == "element")
+                value = st.local_value(role, parameter_value(m, st.params[role]))
+                st.check_placement(f"its {role}", value, st.recorded_shape(role))
+                direct = (isinstance(value, nn.Parameter) and role not in st.shards
+                          and (role == "bias" or st.weight_mode == "element"))
                 if direct:  # the parameter itself, read in place: nothing to compute per step
                     plan.read_in_place(m, st.params[role], value, st.temporal_state(role))
                 else:       # parametrized, or the per-neuron RMS: computed each step
@@ -184,17 +186,16 @@ class Monitor:
 
     # -- results --------------------------------------------------------------------------
     def summary(self, *, timeout: float | None = READ_TIMEOUT_S) -> dict[str, dict[str, np.ndarray]]:
-        """{layer: {key: numpy array}} with the keys of DESIGN section 2.
+        """{layer: {key: numpy array}} with the keys of DESIGN section 2 (on every rank, merged;
+        without weight.temporal_var for FSDP-sharded layers).
 
         From any thread, the statistics of one moment: read directly in the training thread,
         else at its next step boundary (reads.py); `timeout` (seconds, None: no limit) bounds
         the wait while the statistics keep changing without one."""
         self._check_live()
         buffers, steps = self._read("summary()", timeout)
-        host = {name: {k: t.cpu().numpy() for k, t in windows.whole_run(bufs).items()}
-                for name, bufs in buffers.items()}
-        if distributed.world_size() > 1:
-            distributed.merge_ranks_into(host, self._states())  # every rank's batches
+        host = distributed.host_buffers({name: windows.whole_run(bufs) for name, bufs in buffers.items()},
+                                        self._states())  # every rank's batches, gathered spreads
         out = {name: metrics.layer_summary(host[name], track=st.track, weight_mode=st.weight_mode,
                                            steps=steps, weight_rows=_numpy(st.weight_rows))
                for name, st in self._states()}
@@ -291,13 +292,17 @@ class Monitor:
 
     # -- persistence ----------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """The statistics, step count and options, for load_state_dict (a checkpoint)."""
+        """The statistics, step count and options, for load_state_dict (a checkpoint); under
+        FSDP2, this rank's shards ("sharding": loaded on the same rank only)."""
         self._check_live()
         buffers, steps = self._read("state_dict()", READ_TIMEOUT_S)
         devices = {name: {k: t.device for k, t in st.buffers.items()} for name, st in self._states()}
         sd = {"version": STATE_VERSION, "steps": steps, "options": dict(self.options),
               "layers": {name: {k: t.to(devices[name][k], copy=True) for k, t in bufs.items()}
                          for name, bufs in buffers.items()}}
+        sharding = fsdp.sharding_info(self._states())
+        if sharding is not None:
+            sd["sharding"] = sharding
         if self._run is not None:
             sd["run"] = self._run.state_dict()  # waits until the files hold every logged step
         return sd
@@ -311,6 +316,7 @@ class Monitor:
                             for o in (sd["options"], self.options))  # DEFAULTS: options added later
         if saved_opts != opts:
             raise ValueError(f"monitor options differ: saved {saved_opts}, now {opts}")
+        fsdp.check_resume(sd.get("sharding"), fsdp.sharding_info(self._states()))
         if set(sd["layers"]) != set(self.layers):
             raise ValueError(f"monitored layers differ: saved {sorted(sd['layers'])}, "
                              f"now {sorted(self.layers)}")
@@ -433,9 +439,8 @@ class _StepPlan:
 
 def _computed_value(module: nn.Module, state: LayerState, role: str) -> torch.Tensor:
     """This step's observation of a weight or bias step() cannot read in place, checked first."""
-    value = parameter_value(module, state.params[role])
-    state.check_placement(f"its {role}", value,
-                          state.weight_shape if role == "weight" else state.bias_shape)
+    value = state.local_value(role, parameter_value(module, state.params[role]))
+    state.check_placement(f"its {role}", value, state.recorded_shape(role))
     return state.weight_observation(value) if role == "weight" else value.detach()
 
 
@@ -469,10 +474,11 @@ def instrument(model: nn.Module, **options) -> Monitor:
     their last dim); what cannot be served is listed in `monitor.skipped` as (name, reason).
     A module reachable under two names is wrapped once, under its first name.
     Instrument after moving the model to its device and dtype: a layer that later computes
-    on another device or in another precision raises at its next forward or step().
+    on another device or in another precision raises at its next forward or step(). Under
+    FSDP2, instrument after fully_shard (fsdp.py): a model sharded later raises at step().
     """
     opts = options_.check(options)
-    distributed.check_not_sharded(model)
+    fsdp.check_model(model)
     scaler = opts["grad_scaler"]
     grad_scale = GradScale(scaler) if scaler is not None else None
     opts["grad_scaler"] = scaler is not None  # the options are saved with the state: no object
@@ -514,6 +520,7 @@ def instrument(model: nn.Module, **options) -> Monitor:
             owner = owners.setdefault(st.weight_id, st)
             if owner is not st:
                 st.share_weight_state(owner)
+    windows.check_sharded(opts["windows"] or {}, states)
     for name in wrapped:  # every state is built: only now is the model touched
         wrap(layers[name], states[name])
     mon = Monitor(model, states, layers, skipped, opts, grad_scale)

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from . import metrics, ops
+from . import fsdp, metrics, ops
 
 STATISTICS = ("activation", "gradient", "weight", "bias")
 # the per-neuron keys of a closed window's row, per statistic (the keys of mon.summary())
@@ -101,6 +101,21 @@ def check_option(windows, world_size: int) -> dict[str, int]:
                          f"statistics are merged over ranks only when read); window weights and "
                          f"biases, or read summary() at your window's end")
     return {s: int(windows[s]) for s in STATISTICS if s in windows}
+
+
+def check_sharded(every: dict[str, int], states) -> None:
+    """Refuse weight and bias windows of layers whose temporal state FSDP2 shards (each rank
+    holds its own shard's; a window's row would need the ranks' spreads gathered at every
+    close, inside step())."""
+    sharded = sorted(f"{name}.{role}" for name, st in states.items()
+                     for role in fsdp.sharded_roles(st) if role in every)
+    if sharded:
+        roles = sorted({key.rpartition(".")[2] for key in sharded})
+        raise ValueError(f"windows of {roles} are not supported "
+                         f"for parameters sharded by FSDP2 ({', '.join(sharded[:5])}"
+                         f"{', ...' if len(sharded) > 5 else ''}): leave them out of windows (their "
+                         f"whole-run spreads are in summary()), or read summary() at your "
+                         f"window's end")
 
 
 class Windows:

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from .. import distributed, metrics, options, windows
+from .. import distributed, fsdp, metrics, options, windows
 from .files import (FORMAT, METRICS_FILE, RUN_FILE, SUMMARY_DIR, WINDOW_DIR, atomic_write, csv_header, has_data,
                     read_run_info, remove_temp_files, truncate_after, window_layouts,
                     write_json)
@@ -127,6 +127,7 @@ class RunLog:
         if distributed.world_size() > 1:
             flat, layout = distributed.pack(states)
             gathered = distributed.all_gather(flat) if layout else None
+        spreads = fsdp.gathered_spreads(states)  # a collective when a layer is FSDP-sharded
         if self.writer is not None and distributed.rank() != 0:
             warnings.warn("lrfluct_fast: this rank is not rank 0 (instrument ran before "
                           "init_process_group): it stops writing the run directory",
@@ -135,7 +136,7 @@ class RunLog:
             self.writer = None
         if self.writer is None:
             return
-        bufs = snapshot(states, per_rank=gathered is None)
+        bufs = snapshot(states, per_rank=gathered is None, spreads=spreads)
         event = None
         if any(t.is_cuda for b in bufs.values() for t in b.values()):
             event = torch.cuda.Event()

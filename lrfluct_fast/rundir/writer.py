@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 import numpy as np
-from .. import distributed, metrics, ops, windows
+from .. import distributed, fsdp, metrics, ops, windows
 from .files import (METRICS_FILE, SUMMARY_DIR, TB_DIR, atomic_write, csv_header, cut_partial_line,
                     cut_window_records, window_file)
 
@@ -36,13 +36,15 @@ def summary_writer_class():
 
 # -- snapshot: the only work a logging step does on the statistics --------------------------
 @torch.no_grad()
-def snapshot(states, *, per_rank: bool = True, kinds=None) -> dict[str, dict[str, torch.Tensor]]:
+def snapshot(states, *, per_rank: bool = True, kinds=None, spreads=None) -> dict[str, dict[str, torch.Tensor]]:
     """Device-side copies of what a logged step needs: {layer: {buffer key: tensor}}.
 
     The whole run's statistics (windows.whole_run), or with `kinds` the open window of those
     statistics alone (a window's row). The element-mode weight state (weight-sized) is
     replaced by its per-neuron "weight.spread"; per_rank=False leaves out the activation and
-    gradient statistics (they travel through distributed.pack instead).
+    gradient statistics (they travel through distributed.pack instead). The temporal state of
+    FSDP-sharded weights and biases is left out: `spreads` (fsdp.gathered_spreads) stand in
+    for it.
     """
     out = {}
     for name, st in states:
@@ -51,15 +53,18 @@ def snapshot(states, *, per_rank: bool = True, kinds=None) -> dict[str, dict[str
             buffers = windows.whole_run(st.buffers)
         else:
             buffers = {k: t for k, t in st.buffers.items() if k.partition(".")[0] in kinds}
-        element = st.track["weight"] and st.weight_mode == "element" and "weight.moments" in buffers
+        sharded = fsdp.sharded_roles(st)
+        element = (st.track["weight"] and st.weight_mode == "element" and "weight" not in sharded
+                   and "weight.moments" in buffers)
         for key, t in buffers.items():
             kind = key.partition(".")[0]
-            if (kind == "weight" and element) or (kind in distributed.PER_RANK and not per_rank):
+            if ((kind == "weight" and element) or (kind in distributed.PER_RANK and not per_rank)
+                    or kind in sharded):
                 continue
             snap[key] = t.clone()
         if element:
-            snap["weight.spread"] = _weight_spread(st, *(buffers[f"weight.{p}"]
-                                                         for p in ("tally", "skipped", "moments")))
+            snap["weight.spread"] = _weight_spread(st, *st.temporal_state("weight", buffers))
+        snap.update((spreads or {}).get(name, {}))
         out[name] = snap
     return out
 
