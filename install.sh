@@ -8,6 +8,9 @@ if ! "$PY" -c "import torch" 2>/dev/null; then
   "$PY" -m pip install "torch==${LRFLUCT_TORCH_VERSION:-2.13.0}"
 fi
 "$PY" -m pip install -q setuptools wheel ninja
+# triton 3.6 (the GPU machines' version) beside the installed one, for the sm_90 compile test
+"$PY" -m pip install -q --no-deps --upgrade --target .triton-3.6 "triton==3.6.0" \
+  || echo "install.sh: triton 3.6 not installed; its compile test will skip"
 # --no-build-isolation: build the C++ extension against the torch installed above.
 "$PY" -m pip install -q --no-build-isolation -e ".[test]"
 "$PY" -m lrfluct_fast.cli info

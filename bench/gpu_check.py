@@ -84,20 +84,20 @@ def kernels(device, smoke):
         x = torch.randn(rows, n, device=device).to(dtype)
         dst = torch.empty_like(x)
         counts = torch.zeros(3, n, dtype=torch.int64, device=device)
-        moments = torch.zeros(3, n, dtype=torch.float32, device=device)
+        moments = torch.zeros(3, n, dtype=ops.STATS_DTYPE, device=device)
         t_copy = _event_time(lambda: dst.copy_(x), device)
-        t_op = _event_time(lambda: ops.merge_stats(counts, moments, *ops.batch_stats(x)), device)
+        t_op = _event_time(lambda: ops.accumulate_stats(x, counts, moments), device)
         copy_gbs, op_gbs = 2 * x.nbytes / t_copy / 1e9, x.nbytes / t_op / 1e9  # the op reads x once
         worst = min(worst, op_gbs / copy_gbs)
-        lines.append(f"| {rows}x{n} bf16 | batch_stats+merge | {t_op * 1e3:.3f} | {op_gbs:.0f} | "
+        lines.append(f"| {rows}x{n} bf16 | accumulate_stats | {t_op * 1e3:.3f} | {op_gbs:.0f} | "
                      f"{copy_gbs:.0f} | {op_gbs / copy_gbs:.0%} |")
     shapes = gpt2_medium_parameter_shapes(*((8, 2, 50, 16) if smoke else ()))
     values = [torch.randn(s, device=device) for s in shapes]
-    tallies, skipped, moments = (list(x) for x in zip(*(ops.new_state(v) for v in values)))
+    state = [list(x) for x in zip(*(ops.new_state(v) for v in values))]
     copies = [torch.empty_like(v) for v in values]
     numel = sum(v.numel() for v in values)
     t_copy = _event_time(lambda: torch._foreach_copy_(copies, values), device)
-    t_op = _event_time(lambda: ops.temporal_update(values, tallies, skipped, moments), device)
+    t_op = _event_time(lambda: ops.temporal_update(values, *state), device)
     copy_gbs, op_gbs = 8 * numel / t_copy / 1e9, 24 * numel / t_op / 1e9  # 24 B/element, steady
     worst_update = op_gbs / copy_gbs
     lines.append(f"| GPT-2-medium parameters ({len(values)} tensors, {numel / 1e6:.0f}M) fp32 | "

@@ -110,14 +110,14 @@ def triton_launch_cost(repeats=20):
             shapes += [(d,), (d,), (3 * d, d), (3 * d,), (d, d), (d,), (d,), (d,), (4 * d, d),
                        (4 * d,), (d, 4 * d), (d,)]
         values = [torch.empty(s) for s in shapes]
-        tallies, skipped, moments = (list(x) for x in zip(*(tu.new_state(v) for v in values)))
+        state = [list(x) for x in zip(*(tu.new_state(v) for v in values))]
         t = time.perf_counter()
-        tu.temporal_update_triton(values, tallies, skipped, moments)
+        tu.temporal_update_triton(values, *state)
         first = time.perf_counter() - t
         times = []
         for _ in range(repeats):
             t = time.perf_counter()
-            tu.temporal_update_triton(values, tallies, skipped, moments)
+            tu.temporal_update_triton(values, *state)
             times.append(time.perf_counter() - t)
         return first, statistics.median(times), len(values)
     finally:

@@ -13,11 +13,11 @@ from lrfluct_fast import ops
 SHAPES = [(1024, 1024), (4096, 4096), (4096, 8192)]
 BACKENDS = ["cpp", "torch", "reference"]       # on CPU tensors
 CUDA_BACKENDS = ["triton", "torch"]            # on CUDA tensors
-OPS = ["batch_stats+merge", "temporal_update", "copy"]
+OPS = ["accumulate_stats", "temporal_update", "copy"]
 
 
-def _stats_state(n, dtype):
-    return torch.zeros(3, n, dtype=torch.int64), torch.zeros(3, n, dtype=ops.moments_dtype(dtype))
+def _stats_state(n):
+    return torch.zeros(3, n, dtype=torch.int64), torch.zeros(3, n, dtype=ops.STATS_DTYPE)
 
 
 def make_case(op: str, backend: str, shape, dtype=torch.float32, device="cpu"):
@@ -29,14 +29,12 @@ def make_case(op: str, backend: str, shape, dtype=torch.float32, device="cpu"):
     if op == "copy":
         dst = torch.empty_like(x)
         return (lambda: dst.copy_(x)), 2 * numel * es
-    if op == "batch_stats+merge":
-        counts, moments = (t.to(device) for t in _stats_state(shape[1], dtype))
-        stats = {"cpp": ops.batch_stats, "triton": ops.batch_stats, "torch": ops.batch_stats_torch,
-                 "reference": ops.batch_stats_reference}[backend]
-        merge = ops.merge_stats_torch if backend in ("torch", "reference") else ops.merge_stats
+    if op == "accumulate_stats":
+        counts, moments = (t.to(device) for t in _stats_state(shape[1]))
         if backend == "reference":
-            counts, moments = (t.to(device) for t in _stats_state(shape[1], torch.float64))
-        return (lambda: merge(counts, moments, *stats(x))), numel * es
+            return (lambda: ops.merge_stats_torch(counts, moments, *ops.batch_stats_reference(x))), numel * es
+        accumulate = ops.accumulate_stats_torch if backend == "torch" else ops.accumulate_stats
+        return (lambda: accumulate(x, counts, moments)), numel * es
     if op == "temporal_update":
         if backend == "reference":
             return None  # the reference of a trajectory needs all snapshots: not a streaming op

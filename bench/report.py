@@ -51,7 +51,7 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|")
     for shape in shapes:
         big = shape[0] * shape[1] > 2**22
-        for op in ["batch_stats+merge", "temporal_update"]:
+        for op in ["accumulate_stats", "temporal_update"]:
             cases = {"copy": make_case("copy", "cpp", shape, dtype, args.device)}
             for backend in (CUDA_BACKENDS if args.device == "cuda" else BACKENDS):
                 if backend in ("cpp", "triton") and lf.backend(args.device) != backend:

@@ -1,5 +1,5 @@
 // batch_stats on CPU: per-column finite count, mean, M2, positive count and non-finite count of
-// a [R, N] tensor, in one pass over it.
+// a [R, N] (or [B, N, S]) tensor, in one pass over it, as float64 moments.
 //
 // Design: each column is shifted by its first finite value (returned as the SHIFT row, so the
 // moments stay relative to it; see lrfluct_fast/ops/_library.py), then sum(d) and sum(d^2) of the
@@ -39,10 +39,13 @@ struct Sums {  // per-column partial sums of one row chunk, all in double (count
 // pass) every value is taken as finite, which saves the mask and the count; a non-finite value
 // then makes s1 or s2 non-finite, which is how the caller sees that it must redo the block
 // masked.
+// The masked pass computes in double: it also serves blocks whose float squares overflowed
+// (data beyond ~1e19), and double holds the squares of any float32 value.
 template <int U, bool kMasked, typename scalar_t>
 inline void accumulate_column(const scalar_t* __restrict__ x, int64_t N, int64_t r, int64_t j,
                               const double* __restrict__ shift, Sums out) {
-  using compute_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+  using compute_t =
+      std::conditional_t<kMasked || std::is_same_v<scalar_t, double>, double, float>;
   const compute_t sj = static_cast<compute_t>(shift[j]);  // exact: the shift is an input value
   compute_t a1 = 0, a2 = 0, ac = 0, ap = 0;
 #pragma GCC unroll 4
@@ -104,8 +107,35 @@ void first_finite(const scalar_t* x, int64_t R, int64_t N, double* shift) {
   });
 }
 
-template <typename scalar_t, typename acc_t>
-void batch_stats_kernel(const scalar_t* x, int64_t R, int64_t N, int64_t* counts, acc_t* moments) {
+// Column j again, for float64 data whose squares overflow double: two passes on values shifted
+// and scaled by a power of two (exact) that keeps them below 2. M2 comes out inf only when the
+// true M2 exceeds double.
+template <typename scalar_t>
+void scaled_column(const scalar_t* x, int64_t R, int64_t N, int64_t j, double shift,
+                   double n, double* mean_shifted, double* m2) {
+  double big = std::abs(shift);
+  for (int64_t r = 0; r < R; ++r) {
+    const double v = static_cast<double>(x[r * N + j]);
+    if (std::isfinite(v)) big = std::max(big, std::abs(v));
+  }
+  const double sc = big > 0 ? std::ldexp(1.0, -std::ilogb(big) - 1) : 1.0;
+  double s1 = 0;
+  for (int64_t r = 0; r < R; ++r) {
+    const double v = static_cast<double>(x[r * N + j]);
+    if (std::isfinite(v)) s1 += v * sc - shift * sc;
+  }
+  const double mean = s1 / n;
+  double s2 = 0;
+  for (int64_t r = 0; r < R; ++r) {
+    const double v = static_cast<double>(x[r * N + j]);
+    if (std::isfinite(v)) s2 += (v * sc - shift * sc - mean) * (v * sc - shift * sc - mean);
+  }
+  *mean_shifted = mean / sc;
+  *m2 = s2 / sc / sc;
+}
+
+template <typename scalar_t>
+void batch_stats_kernel(const scalar_t* x, int64_t R, int64_t N, int64_t* counts, double* moments) {
   if (N == 0) return;  // no column: nothing to compute, and no task to size
   std::vector<double> shift(N);
   first_finite(x, R, N, shift.data());
@@ -139,37 +169,47 @@ void batch_stats_kernel(const scalar_t* x, int64_t R, int64_t N, int64_t* counts
         const double* base = partial.data() + c * 4 * N;
         s1 += base[j]; s2 += base[N + j]; n += base[2 * N + j]; pos += base[3 * N + j];
       }
-      const double mean_shifted = n > 0 ? s1 / n : 0.0;  // shift is 0 where n is 0
+      double mean_shifted = n > 0 ? s1 / n : 0.0;  // shift is 0 where n is 0
+      double m2 = std::max(0.0, s2 - s1 * mean_shifted);
+      if (!std::isfinite(s1) || !std::isfinite(s2)) {
+        scaled_column(x, R, N, j, shift[j], n, &mean_shifted, &m2);
+      }
       counts[kCount * N + j] = static_cast<int64_t>(n);
       counts[kPositive * N + j] = static_cast<int64_t>(pos);
       counts[kNonfinite * N + j] = R - static_cast<int64_t>(n);
-      moments[kMean * N + j] = static_cast<acc_t>(mean_shifted);
-      moments[kM2 * N + j] = static_cast<acc_t>(std::max(0.0, s2 - s1 * mean_shifted));
-      moments[kShift * N + j] = static_cast<acc_t>(shift[j]);
+      moments[kMean * N + j] = mean_shifted;
+      moments[kM2 * N + j] = m2;
+      moments[kShift * N + j] = shift[j];
     }
   });
 }
 
-std::tuple<at::Tensor, at::Tensor> batch_stats_cpu(const at::Tensor& x_in) {
-  check_float_input("x", x_in);
-  TORCH_CHECK_VALUE(x_in.dim() == 2, "x must be a 2-D tensor [rows, neurons], got ", x_in.dim(), "-D");
-  const at::Tensor x = x_in.contiguous();
-  const int64_t R = x.size(0), N = x.size(1);
-  const auto acc_type = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+std::tuple<at::Tensor, at::Tensor> batch_stats_cpu(const at::Tensor& x) {
+  check_batch_input(x);
+  const int64_t N = x.size(1);
   at::Tensor counts = at::empty({3, N}, x.options().dtype(at::kLong));
-  at::Tensor moments = at::empty({3, N}, x.options().dtype(acc_type));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "batch_stats", [&] {
-    if (acc_type == at::kDouble)
-      batch_stats_kernel<scalar_t, double>(x.data_ptr<scalar_t>(), R, N,
-          counts.data_ptr<int64_t>(), moments.data_ptr<double>());
-    else
-      batch_stats_kernel<scalar_t, float>(x.data_ptr<scalar_t>(), R, N,
-          counts.data_ptr<int64_t>(), moments.data_ptr<float>());
-  });
+  at::Tensor moments = at::empty({3, N}, x.options().dtype(at::kDouble));
+  batch_stats_into(x, counts.data_ptr<int64_t>(), moments.data_ptr<double>());
   return {counts, moments};
 }
 
 }  // namespace
+
+void check_batch_input(const at::Tensor& x) {
+  check_float_input("x", x);
+  TORCH_CHECK_VALUE(x.dim() == 2 || x.dim() == 3,
+      "x must be a 2-D tensor [rows, neurons] or a 3-D [batch, neurons, rest], got ", x.dim(), "-D");
+}
+
+void batch_stats_into(const at::Tensor& x_in, int64_t* counts, double* moments) {
+  // [B, N, S] as rows: a copy for S > 1 (the rows of a conv output are strided)
+  const at::Tensor rows = x_in.dim() == 2 ? x_in : x_in.movedim(1, 2).reshape({x_in.size(0) * x_in.size(2), x_in.size(1)});
+  const at::Tensor x = rows.contiguous();
+  const int64_t R = x.size(0), N = x.size(1);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "batch_stats", [&] {
+    batch_stats_kernel<scalar_t>(x.data_ptr<scalar_t>(), R, N, counts, moments);
+  });
+}
 
 void register_batch_stats(torch::Library& m) { m.impl("batch_stats", &batch_stats_cpu); }
 

@@ -47,11 +47,19 @@ inline void check_state(const std::string& name, const at::Tensor& t, at::IntArr
   TORCH_CHECK_VALUE(t.is_contiguous(), name, " must be contiguous (it is updated in place)");
 }
 
+// The kernels behind the ops, on raw [3, N] state (counts int64, moments double), for the ops
+// that combine them (accumulate_stats, observe) without intermediate tensors.
+void check_batch_input(const at::Tensor& x);  // float, [R, N] or [B, N, S], on cpu
+void batch_stats_into(const at::Tensor& x, int64_t* counts, double* moments);
+void merge_into(int64_t* counts, double* moments, const int64_t* b_counts, const double* b_moments,
+                int64_t N);
+
 // Each op's file registers its CPU kernel here (called by module.cpp's register_kernels).
 void register_batch_stats(torch::Library& m);
 void register_merge_stats(torch::Library& m);
 void register_temporal_update(torch::Library& m);
-void register_observe(torch::Library& m);
+void register_accumulate_stats(torch::Library& m);
+
 
 // Hot loops are compiled twice, for AVX2 and for baseline x86-64, and picked at load time:
 // fast on current CPUs, still portable. (The loops vectorise only with -fno-trapping-math.)

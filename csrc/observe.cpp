@@ -1,99 +1,188 @@
-// observe: Observe (lrfluct_fast/nn/observe.py) as a C++ autograd function, for eager mode.
-// The identity on z, whose forward computes this forward's activation statistics and whose
-// backward merges them and the statistics of dL/dz into the layer's running state, with no
-// Python in between: a wrapped layer's fixed cost per step is the op calls, not the
-// interpreter. Same results and counting rule as the Python function, which stays the path
-// under torch.compile, for column blocks (attention) and with a GradScaler.
-// The statistics ops are called through the dispatcher: C++ kernels on CPU, Triton on CUDA.
-#include <torch/autograd.h>
+// Observer: a wrapped layer's eager observation path, with its autograd node in C++.
+//
+// LayerState (lrfluct_fast/nn/layer_state.py) holds one Observer per layer whose neurons are
+// one dim of its output. `observe(z)` returns z itself when this forward is not a training
+// observation it can take (not observing, grad mode off, z needs no gradient, another device,
+// dtype, rank or width, a torch.func transform, a forward-mode dual): the Python path then
+// decides, explains or raises. Otherwise it computes z's activation statistics, keeps them on
+// a new node, and returns a detached alias of z whose grad_fn is that node. The node's backward
+// passes dL/dz through unchanged and, while the layer is live (not paused), merges the pending
+// activation statistics and dL/dz's statistics into the running state. On CPU both are the
+// kernels called directly on raw buffers (no dispatcher, no tensor between them); on other
+// devices the dispatched ops (batch_stats forward, accumulate_stats backward: two launches
+// each on a GPU). Same counting rule and results as nn/observe.py's Python function, which
+// stays the path under torch.compile, for column blocks (attention) and with a GradScaler.
+#include <torch/extension.h>
+#include <torch/csrc/autograd/function.h>
+#include <torch/csrc/autograd/functions/utils.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
+
+#include <memory>
+#include <vector>
 
 #include "common.h"
 
 namespace lrfluct {
 namespace {
 
-using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
-// t as [rows, neurons]: the neuron dim moved last (a view for the last dim), the others rows.
-at::Tensor neuron_rows(const at::Tensor& t, int64_t dim) {
-  if (t.dim() == 1) return t.unsqueeze(0);
-  const at::Tensor last = (dim == -1 || dim == t.dim() - 1) ? t : t.movedim(dim, -1);
-  return last.flatten(0, -2);
+struct Observer {
+  at::Tensor act_counts, act_moments, grad_counts, grad_moments;  // undefined: not tracked
+  int64_t neurons = 0;
+  int64_t ndim = -1, dim = 0;  // z of rank `ndim` holds the neurons in dim `dim` (-1: unknown)
+  c10::Device device = c10::Device(c10::kCPU);
+  bool wide = false;           // the layer was instrumented as float64
+  bool observing = true;       // forwards are observed (sampling, not paused)
+  bool live = true;            // backwards merge (not paused)
+};
+
+// z as [R, N] (neurons last) or [B, N, S]: a view of any contiguous tensor, z itself for the
+// common [R, N] (no tensor op on the hot path).
+at::Tensor neuron_view(const at::Tensor& z, int64_t dim) {
+  if (z.dim() == 2 && dim == 1) return z;
+  int64_t before = 1, after = 1;
+  for (int64_t d = 0; d < dim; ++d) before *= z.size(d);
+  for (int64_t d = dim + 1; d < z.dim(); ++d) after *= z.size(d);
+  if (after == 1) return z.reshape({before, z.size(dim)});
+  return z.reshape({before, z.size(dim), after});
 }
 
-std::tuple<at::Tensor, at::Tensor> batch_stats(const at::Tensor& x) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("lrfluct::batch_stats", "")
-                       .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&)>();
-  return op.call(x);
+void merge_batch(const at::Tensor& counts, const at::Tensor& moments, const int64_t* b_counts,
+                 const double* b_moments) {
+  merge_into(counts.data_ptr<int64_t>(), moments.data_ptr<double>(), b_counts, b_moments,
+             counts.size(1));
 }
 
-void merge_stats(const at::Tensor& counts, const at::Tensor& moments, const at::Tensor& b_counts,
-                 const at::Tensor& b_moments) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("lrfluct::merge_stats", "")
-                       .typed<void(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                   const at::Tensor&)>();
-  op.call(counts, moments, b_counts, b_moments);
-}
+struct ObserveBackward : public torch::autograd::Node {
+  std::shared_ptr<Observer> obs;
+  int64_t dim = 0;
+  // this forward's activation statistics: raw on CPU, tensors elsewhere
+  std::vector<int64_t> pending_counts;
+  std::vector<double> pending_moments;
+  at::Tensor pending_counts_t, pending_moments_t;
 
-struct ObserveFunction : public torch::autograd::Function<ObserveFunction> {
-  // act_*, grad_*: the layer's running state, used as `track` says (bit 0: activations,
-  // bit 1: gradients; an untracked pair holds placeholders, since autograd takes no undefined
-  // input); live: a 0-d bool CPU tensor, false inside Monitor.paused()
-  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& z, int64_t dim, int64_t track,
-                            const at::Tensor& act_counts, const at::Tensor& act_moments,
-                            const at::Tensor& grad_counts, const at::Tensor& grad_moments,
-                            const at::Tensor& live) {
-    ctx->saved_data["dim"] = dim;
-    ctx->saved_data["track"] = track;
-    ctx->saved_data["live"] = live;
-    ctx->saved_data["state"] =
-        std::vector<at::Tensor>{act_counts, act_moments, grad_counts, grad_moments};
-    if (track & 1) {
-      auto stats = batch_stats(neuron_rows(z.detach(), dim));
-      ctx->saved_data["pending"] = std::vector<at::Tensor>{std::get<0>(stats), std::get<1>(stats)};
-    }
-    return z.detach();  // a new tensor: in-place ops after the layer stay allowed
+  std::string name() const override { return "ObserveBackward"; }
+
+  void release_variables() override {
+    pending_counts_t.reset();
+    pending_moments_t.reset();
   }
 
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const at::Tensor& grad = grads[0];
-    if (ctx->saved_data["live"].toTensor().item<bool>()) {
-      const auto state = ctx->saved_data["state"].toTensorVector();
-      const int64_t track = ctx->saved_data["track"].toInt();
-      if (track & 1) {
-        const auto pending = ctx->saved_data["pending"].toTensorVector();
-        merge_stats(state[0], state[1], pending[0], pending[1]);
+  variable_list apply(variable_list&& grads) override {
+    const Observer& o = *obs;
+    if (!o.live) return {grads[0]};
+    at::NoGradGuard no_grad;  // statistics only: nothing here is part of a graph
+    const bool act = o.act_counts.defined();
+    const bool grad = o.grad_counts.defined() && grads[0].defined();
+    if (o.device.is_cpu()) {
+      if (act) merge_batch(o.act_counts, o.act_moments, pending_counts.data(), pending_moments.data());
+      if (grad) {
+        std::vector<int64_t> counts(3 * o.neurons);
+        std::vector<double> moments(3 * o.neurons);
+        batch_stats_into(neuron_view(grads[0].detach(), dim), counts.data(), moments.data());
+        merge_batch(o.grad_counts, o.grad_moments, counts.data(), moments.data());
       }
-      if ((track & 2) && grad.defined()) {
-        auto stats = batch_stats(neuron_rows(grad.detach(), ctx->saved_data["dim"].toInt()));
-        merge_stats(state[2], state[3], std::get<0>(stats), std::get<1>(stats));
-      }
+    } else if (grad) {
+      static auto accumulate = c10::Dispatcher::singleton()
+          .findSchemaOrThrow("lrfluct::accumulate_stats", "")
+          .typed<void(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                      const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>&,
+                      const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>&)>();
+      const auto opt = [act](const at::Tensor& t) {
+        return act ? c10::optional<at::Tensor>(t) : c10::nullopt;
+      };
+      accumulate.call(neuron_view(grads[0].detach(), dim), o.grad_counts, o.grad_moments,
+                      opt(pending_counts_t), opt(pending_moments_t), opt(o.act_counts),
+                      opt(o.act_moments));
+    } else if (act) {
+      static auto merge = c10::Dispatcher::singleton()
+          .findSchemaOrThrow("lrfluct::merge_stats", "")
+          .typed<void(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&)>();
+      merge.call(o.act_counts, o.act_moments, pending_counts_t, pending_moments_t);
     }
-    return {grad, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(),
-            at::Tensor(), at::Tensor()};
+    return {grads[0]};
   }
 };
 
-at::Tensor observe(const at::Tensor& z, int64_t dim, const c10::optional<at::Tensor>& act_counts,
-                   const c10::optional<at::Tensor>& act_moments,
-                   const c10::optional<at::Tensor>& grad_counts,
-                   const c10::optional<at::Tensor>& grad_moments, const at::Tensor& live) {
-  TORCH_CHECK_VALUE(live.device().is_cpu() && live.scalar_type() == at::kBool && live.dim() == 0,
-                    "live must be a 0-d bool tensor on cpu");
-  TORCH_CHECK_VALUE(act_counts.has_value() == act_moments.has_value() &&
-                        grad_counts.has_value() == grad_moments.has_value(),
-                    "counts and moments come in pairs");
-  const int64_t track = (act_counts ? 1 : 0) | (grad_counts ? 2 : 0);
-  const auto get = [&](const c10::optional<at::Tensor>& t) { return t ? *t : live; };
-  return ObserveFunction::apply(z, dim, track, get(act_counts), get(act_moments),
-                                get(grad_counts), get(grad_moments), live);
+// functorch's transforms (grad, vmap, jvp) include this key while they run
+bool in_functorch_transform() {
+  return c10::impl::tls_local_dispatch_key_set().included_.has(
+      c10::DispatchKey::FuncTorchDynamicLayerFrontMode);
+}
+
+// Nodes are held by shared_ptr up to torch 2.12 and by intrusive_ptr after.
+template <typename T, typename Ptr = decltype(torch::autograd::Edge().function)>
+auto make_node() {
+  if constexpr (std::is_same_v<Ptr, std::shared_ptr<torch::autograd::Node>>) {
+    return std::make_shared<T>();
+  } else {
+    return c10::make_intrusive<T>();
+  }
+}
+
+bool has_forward_grad(const at::Tensor& z) {
+  const auto* meta = torch::autograd::impl::get_autograd_meta(z);
+  return meta != nullptr && meta->fw_grad_ && !meta->fw_grad_->empty();
+}
+
+at::Tensor observe(const std::shared_ptr<Observer>& obs, const at::Tensor& z) {
+  const Observer& o = *obs;
+  if (!o.observing || !at::GradMode::is_enabled() || !z.requires_grad() || z.dim() != o.ndim ||
+      z.device() != o.device || z.size(o.dim) != o.neurons ||
+      (z.scalar_type() == at::kDouble) != o.wide || !is_float_input(z.scalar_type()) ||
+      in_functorch_transform() || has_forward_grad(z)) {
+    return z;  // the Python path decides
+  }
+  auto node = make_node<ObserveBackward>();
+  node->obs = obs;
+  node->dim = o.dim;
+  if (o.act_counts.defined()) {
+    at::NoGradGuard no_grad;
+    const at::Tensor rows = neuron_view(z.detach(), o.dim);
+    if (o.device.is_cpu()) {
+      node->pending_counts.resize(3 * o.neurons);
+      node->pending_moments.resize(3 * o.neurons);
+      batch_stats_into(rows, node->pending_counts.data(), node->pending_moments.data());
+    } else {
+      static auto batch_stats = c10::Dispatcher::singleton()
+          .findSchemaOrThrow("lrfluct::batch_stats", "")
+          .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&)>();
+      std::tie(node->pending_counts_t, node->pending_moments_t) = batch_stats.call(rows);
+    }
+  }
+  node->set_next_edges(torch::autograd::collect_next_edges(z));
+  at::Tensor out = z.detach();  // a new tensor: in-place ops after the layer stay allowed
+  torch::autograd::set_history(out, node);
+  return out;
 }
 
 }  // namespace
 
-void register_observe(torch::Library& m) { m.impl("observe", &observe); }
+void bind_observer(pybind11::module& m) {
+  namespace py = pybind11;
+  py::class_<Observer, std::shared_ptr<Observer>>(m, "Observer",
+      "A layer's eager observation path (csrc/observe.cpp); LayerState owns one.")
+      .def(py::init([](int64_t neurons, c10::Device device, bool wide,
+                       c10::optional<at::Tensor> act_counts, c10::optional<at::Tensor> act_moments,
+                       c10::optional<at::Tensor> grad_counts, c10::optional<at::Tensor> grad_moments) {
+             auto o = std::make_shared<Observer>();
+             o->neurons = neurons;
+             o->device = device;
+             o->wide = wide;
+             if (act_counts) { o->act_counts = *act_counts; o->act_moments = *act_moments; }
+             if (grad_counts) { o->grad_counts = *grad_counts; o->grad_moments = *grad_moments; }
+             return o;
+           }),
+           py::arg("neurons"), py::arg("device"), py::arg("wide"), py::arg("act_counts"),
+           py::arg("act_moments"), py::arg("grad_counts"), py::arg("grad_moments"))
+      .def("observe", &observe, py::arg("z"),
+           "z observed (a new tensor), or z itself when the Python path must decide")
+      .def("set_layout", [](Observer& o, int64_t ndim, int64_t dim) { o.ndim = ndim; o.dim = dim; },
+           "outputs of rank `ndim` hold the neurons in dim `dim` (0 <= dim < ndim)")
+      .def_readwrite("observing", &Observer::observing)
+      .def_readwrite("live", &Observer::live)
+      .def_readonly("ndim", &Observer::ndim);
+}
 
 }  // namespace lrfluct

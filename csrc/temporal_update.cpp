@@ -1,118 +1,202 @@
-// temporal_update on CPU: Welford update of per-element (count, mean, M2) for a list of tensors
-// in one call (state layout: lrfluct_fast/ops/temporal_update.py). Each element is shifted by
-// its first finite value, so float32 state keeps the precision of fluctuations many orders
-// below the value itself (weights near 0.3 moving 1e-5). All tensors are validated before any
-// state changes; the work is one parallel loop over (tensor, chunk) pairs so small and large
-// tensors share the threads.
+// temporal_update on CPU: per-element running (count, mean, M2) of a list of tensors' values, as
+// a block in the state's dtype updated by Welford every call and a float64 master that each
+// block is Chan-merged into once per `flush_every` calls (state layout and the reasons:
+// lrfluct_fast/ops/temporal_update.py). All tensors are validated before any state changes; the
+// work is one parallel loop over (tensor, chunk) pairs so small and large tensors share the
+// threads.
+#include <cmath>
+#include <limits>
+
 #include "common.h"
 
 namespace lrfluct {
 namespace {
 
 constexpr int64_t kChunk = 1 << 16;  // elements per task
-constexpr int64_t kCalls = 0, kSkipped = 1;  // rows of a tally
+constexpr int64_t kCalls = 0, kSkipped = 1, kEscaped = 2, kFlushed = 3;  // rows of a tally
+constexpr int64_t kMasterMean = 0, kMasterM2 = 1, kMasterCount = 2;     // rows of a master
+constexpr int64_t kMaxFlushEvery = int64_t(1) << 24;
 
-// Arithmetic in the state's dtype: after the shift every operand is a small deviation that
-// float32 carries as exactly as it is stored; this branch-free loop vectorises (10x faster
-// than double arithmetic, which does not). Returns how many values were non-finite (skipped).
-//
-// kClean: no element of the tensor was ever skipped and this is not its first call, so every
-// element's count is `calls` and its shift is set: the loop reads v, shift, mean, M2 and writes
-// mean, M2 (24 bytes per float32 element), and counts the skipped values per element only in
-// the rare chunk that has one. Otherwise each count is calls - skip[e] and a first observation
-// sets the shift.
-template <bool kClean, typename value_t, typename acc_t>
-LRFLUCT_SIMD_CLONES int64_t welford_chunk(const value_t* __restrict__ v, int32_t* __restrict__ skip,
+// |v - shift| beyond which a value escapes the block for the master (ESCAPE_ABOVE in Python).
+template <typename acc_t> constexpr acc_t escape_above();
+template <> constexpr float escape_above<float>() { return 281474976710656.0f; }  // 2^48
+template <> constexpr double escape_above<double>() { return std::numeric_limits<double>::infinity(); }
+
+template <typename acc_t>
+inline bool stays_in_block(acc_t d) {  // false for a difference that overflowed, or NaN
+  return (d - d) == acc_t(0) && std::abs(d) <= escape_above<acc_t>();
+}
+
+// One tensor's state, as the loops see it.
+template <typename value_t, typename acc_t>
+struct State {
+  const value_t* v;
+  int32_t* skip;
+  acc_t *mean, *m2, *shift;            // the block
+  double *g_mean, *g_m2, *g_count;     // the master
+};
+
+// Chan's merge (lrfluct_fast/chan.py) of (n_b, mean_b, m2_b) into element e's master.
+template <typename value_t, typename acc_t>
+inline void merge_into_master(const State<value_t, acc_t>& s, int64_t e, double n_b, double mean_b,
+                              double m2_b) {
+  const double n_a = s.g_count[e], n = n_a + n_b;
+  const double w = n_b / (n == 0 ? 1.0 : n), delta = mean_b - s.g_mean[e];
+  s.g_mean[e] += delta * w;
+  s.g_m2[e] += m2_b + delta * (n_a * w) * delta;
+  s.g_count[e] = n;
+}
+
+struct Moved {
+  int64_t skipped = 0, escaped = 0;
+};
+
+// Every case of one element: its block closed at a block start (`opens`), a non-finite value
+// skipped, the first value of a block, a value escaping to the master, Welford. `held` is the
+// block's count before this call. Scalar: it serves block starts, dirty tensors and the rare
+// elements the vector loop leaves alone.
+template <typename value_t, typename acc_t>
+inline void update_element(const State<value_t, acc_t>& s, int64_t e, int64_t held, bool opens,
+                           Moved& moved) {
+  const acc_t x = static_cast<acc_t>(s.v[e]);
+  if (opens) {
+    if (held > 0)
+      merge_into_master(s, e, double(held), double(s.shift[e]) + double(s.mean[e]), double(s.m2[e]));
+    s.mean[e] = s.m2[e] = acc_t(0);
+    held = 0;
+  }
+  if (!((x - x) == acc_t(0))) {  // NaN or +-Inf
+    s.skip[e] += 1;
+    moved.skipped += 1;
+    return;
+  }
+  if (held == 0) {
+    s.shift[e] = x;
+    s.mean[e] = s.m2[e] = acc_t(0);
+    return;
+  }
+  const acc_t d = x - s.shift[e];
+  if (!stays_in_block(d)) {
+    merge_into_master(s, e, double(held), double(s.shift[e]) + double(s.mean[e]), double(s.m2[e]));
+    merge_into_master(s, e, 1.0, double(x), 0.0);
+    s.mean[e] = s.m2[e] = acc_t(0);
+    moved.escaped += 1;
+    return;
+  }
+  const acc_t delta = d - s.mean[e];
+  const acc_t mean_new = s.mean[e] + delta / static_cast<acc_t>(held + 1);
+  s.m2[e] += delta * (d - mean_new);
+  s.mean[e] = mean_new;
+}
+
+// The common call: a clean tensor inside a block (every element holds `held` values, its shift
+// set). Branch-free in the state's dtype, so it vectorises (10x faster than double arithmetic):
+// reads v, shift, mean, M2 and writes mean, M2 (24 bytes per float32 element). A non-finite or
+// escaping value leaves its element as it is here; the rare chunk with one finishes it in
+// update_element.
+template <typename value_t, typename acc_t>
+LRFLUCT_SIMD_CLONES int64_t welford_clean(const value_t* __restrict__ v, const acc_t* __restrict__ shift,
                                           acc_t* __restrict__ mean, acc_t* __restrict__ m2,
-                                          acc_t* __restrict__ shift, int64_t calls, int64_t e0,
-                                          int64_t e1) {
-  const acc_t inv_count = acc_t(1) / static_cast<acc_t>(calls + 1);  // used when kClean
-  int64_t skipped = 0;
+                                          int64_t held, int64_t e0, int64_t e1) {
+  const acc_t inv_count = acc_t(1) / static_cast<acc_t>(held + 1);
+  int64_t left = 0;
   for (int64_t e = e0; e < e1; ++e) {
-    const acc_t x = static_cast<acc_t>(v[e]);
-    const bool finite = (x - x) == acc_t(0);  // false for NaN and +-Inf
-    const int64_t count_before = kClean ? calls : calls - skip[e];
-    const acc_t s = (!kClean && finite && count_before == 0) ? x : shift[e];
     const acc_t mean_old = mean[e];
-    const acc_t d = finite ? x - s : mean_old;  // small: weights move slowly
-    const acc_t delta = d - mean_old;           // 0 for a skipped value
-    const acc_t mean_new = mean_old + (kClean ? delta * inv_count
-                                              : delta / static_cast<acc_t>(count_before + 1));
-    if (!kClean) {
-      skip[e] += finite ? 0 : 1;
-      shift[e] = s;
-    }
+    const acc_t diff = static_cast<acc_t>(v[e]) - shift[e];
+    const bool in = stays_in_block(diff);  // false for a non-finite v too
+    const acc_t d = in ? diff : mean_old;  // delta 0: the element stays as it is
+    const acc_t delta = d - mean_old;
+    const acc_t mean_new = mean_old + delta * inv_count;
     mean[e] = mean_new;
     m2[e] = m2[e] + delta * (d - mean_new);
-    skipped += finite ? 0 : 1;
+    left += in ? 0 : 1;
   }
-  if (kClean && skipped > 0) {  // rare: count the skipped values per element
-    for (int64_t e = e0; e < e1; ++e) {
-      const acc_t x = static_cast<acc_t>(v[e]);
-      skip[e] += (x - x) == acc_t(0) ? 0 : 1;
-    }
-  }
-  return skipped;
+  return left;
 }
 
 template <typename value_t, typename acc_t>
-int64_t update_chunk(const value_t* v, int32_t* skip, acc_t* state, int64_t n, int64_t calls,
-                     bool clean, int64_t e0, int64_t e1) {
-  acc_t *mean = state + kMean * n, *m2 = state + kM2 * n, *shift = state + kShift * n;
-  return clean && calls > 0 ? welford_chunk<true>(v, skip, mean, m2, shift, calls, e0, e1)
-                            : welford_chunk<false>(v, skip, mean, m2, shift, calls, e0, e1);
+Moved update_chunk(const State<value_t, acc_t>& s, const int64_t* tally, int64_t flush_every,
+                   int64_t e0, int64_t e1) {
+  const int64_t calls = tally[kCalls], in_block = calls - tally[kFlushed];
+  const bool opens = in_block >= flush_every;
+  const bool dirty = tally[kSkipped] + tally[kEscaped] > 0;
+  Moved moved;
+  if (!dirty && !opens && in_block > 0) {
+    if (welford_clean(s.v, s.shift, s.mean, s.m2, in_block, e0, e1) == 0) return moved;
+    for (int64_t e = e0; e < e1; ++e)
+      if (!stays_in_block(static_cast<acc_t>(s.v[e]) - s.shift[e])) update_element(s, e, in_block, false, moved);
+    return moved;
+  }
+  for (int64_t e = e0; e < e1; ++e) {
+    const int64_t held = dirty ? calls - s.skip[e] - static_cast<int64_t>(s.g_count[e]) : in_block;
+    update_element(s, e, held, opens, moved);
+  }
+  return moved;
 }
 
 void temporal_update_cpu(at::TensorList values, at::TensorList tallies, at::TensorList skipped,
-                         at::TensorList moments) {
+                         at::TensorList moments, at::TensorList masters, int64_t flush_every) {
   TORCH_CHECK_VALUE(!values.empty(), "values must be a non-empty list of tensors");
   TORCH_CHECK_VALUE(tallies.size() == values.size() && skipped.size() == values.size() &&
-                        moments.size() == values.size(),
-      "values, tallies, skipped and moments must have the same length, got ", values.size(), ", ",
-      tallies.size(), ", ", skipped.size(), ", ", moments.size());
+                        moments.size() == values.size() && masters.size() == values.size(),
+      "values, tallies, skipped, moments and masters must have the same length, got ",
+      values.size(), ", ", tallies.size(), ", ", skipped.size(), ", ", moments.size(), ", ",
+      masters.size());
+  TORCH_CHECK_VALUE(flush_every >= 1 && flush_every <= kMaxFlushEvery,
+      "flush_every must be an integer from 1 to ", kMaxFlushEvery, ", got ", flush_every);
   std::vector<at::Tensor> contiguous_values;
   std::vector<std::pair<int64_t, int64_t>> tasks;  // (tensor index, chunk start)
   for (size_t i = 0; i < values.size(); ++i) {
-    const at::Tensor &v = values[i], &m = moments[i];
+    const at::Tensor &v = values[i], &m = moments[i], &g = masters[i];
     const bool ok = is_float_input(v.scalar_type()) && v.device().is_cpu() &&
-        state_ok(tallies[i], {2}, {at::kLong}, v.device()) &&
+        state_ok(tallies[i], {4}, {at::kLong}, v.device()) &&
         state_ok(skipped[i], v.sizes(), {at::kInt}, v.device()) &&
         m.dim() == v.dim() + 1 && m.size(0) == 3 && m.sizes().slice(1) == v.sizes() &&
-        state_ok(m, m.sizes(), {at::kFloat, at::kDouble}, v.device());
+        state_ok(m, m.sizes(), {at::kFloat, at::kDouble}, v.device()) &&
+        state_ok(g, m.sizes(), {at::kDouble}, v.device());
     if (!ok) {  // the same checks again, to say which argument is wrong and how
       const std::string idx = "[" + std::to_string(i) + "]";
       check_float_input(("values" + idx).c_str(), v);
-      check_state("tallies" + idx, tallies[i], {2}, {at::kLong}, v.device());
+      check_state("tallies" + idx, tallies[i], {4}, {at::kLong}, v.device());
       check_state("skipped" + idx, skipped[i], v.sizes(), {at::kInt}, v.device());
       std::vector<int64_t> mshape{3};
       mshape.insert(mshape.end(), v.sizes().begin(), v.sizes().end());
       check_state("moments" + idx, m, mshape, {at::kFloat, at::kDouble}, v.device());
+      check_state("masters" + idx, g, mshape, {at::kDouble}, v.device());
     }
     contiguous_values.push_back(v.contiguous());
     for (int64_t e = 0; e < values[i].numel(); e += kChunk) tasks.emplace_back(i, e);
   }
-  std::vector<int64_t> task_skipped(tasks.size(), 0);
+  std::vector<Moved> task_moved(tasks.size());
   at::parallel_for(0, static_cast<int64_t>(tasks.size()), 1, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t i = tasks[t].first, e0 = tasks[t].second;
       const at::Tensor& v = contiguous_values[i];
       const int64_t n = v.numel(), e1 = std::min(n, e0 + kChunk);
-      const int64_t* tally = tallies[i].data_ptr<int64_t>();
-      int32_t* skip = skipped[i].data_ptr<int32_t>();
+      double* g = masters[i].data_ptr<double>();
       AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.scalar_type(), "temporal_update", [&] {
         using value_t = scalar_t;
         AT_DISPATCH_FLOATING_TYPES(moments[i].scalar_type(), "temporal_update_state", [&] {
-          task_skipped[t] = update_chunk<value_t, scalar_t>(
-              v.data_ptr<value_t>(), skip, moments[i].data_ptr<scalar_t>(), n, tally[kCalls],
-              tally[kSkipped] == 0, e0, e1);
+          scalar_t* m = moments[i].data_ptr<scalar_t>();
+          const State<value_t, scalar_t> s{v.data_ptr<value_t>(), skipped[i].data_ptr<int32_t>(),
+                                           m + kMean * n, m + kM2 * n, m + kShift * n,
+                                           g + kMasterMean * n, g + kMasterM2 * n, g + kMasterCount * n};
+          task_moved[t] = update_chunk(s, tallies[i].data_ptr<int64_t>(), flush_every, e0, e1);
         });
       });
     }
   });
   // Tallies change only after every chunk has read them.
-  for (size_t t = 0; t < tasks.size(); ++t)
-    tallies[tasks[t].first].data_ptr<int64_t>()[kSkipped] += task_skipped[t];
-  for (const at::Tensor& tally : tallies) tally.data_ptr<int64_t>()[kCalls] += 1;
+  for (size_t t = 0; t < tasks.size(); ++t) {
+    int64_t* tally = tallies[tasks[t].first].data_ptr<int64_t>();
+    tally[kSkipped] += task_moved[t].skipped;
+    tally[kEscaped] += task_moved[t].escaped;
+  }
+  for (const at::Tensor& t : tallies) {
+    int64_t* tally = t.data_ptr<int64_t>();
+    if (tally[kCalls] - tally[kFlushed] >= flush_every) tally[kFlushed] = tally[kCalls];
+    tally[kCalls] += 1;
+  }
 }
 
 }  // namespace

@@ -213,7 +213,7 @@ def gathered_spreads(states, buffers=None) -> dict[str, dict[str, torch.Tensor]]
 def _local_sums(state, role: str, temporal) -> tuple[torch.Tensor, int]:
     """float64 [N]: per neuron, the sum of the temporal variances of this rank's elements of it
     (0 for neurons it holds none of), and the number of elements per neuron in the whole layer;
-    `temporal`: the role's (tally, skipped, moments)."""
+    `temporal`: the role's (tally, skipped, moments, master)."""
     shard = state.shards[role]
     _, _, var = ops.temporal_stats(*temporal)
     var = var.to(torch.float64)

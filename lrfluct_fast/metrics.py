@@ -14,12 +14,15 @@ from typing import Mapping
 
 import numpy as np
 
+from . import chan
+
 ENERGIES = {"weight", "gradient", "activation"}
 
 # Rows of the packed statistics (same layout as lrfluct_fast.ops).
 _COUNT, _POSITIVE, _NONFINITE = 0, 1, 2
 _MEAN, _M2, _SHIFT = 0, 1, 2
 _CALLS = 0  # row of a temporal state's tally
+_MASTER_MEAN, _MASTER_M2, _MASTER_COUNT = 0, 1, 2  # rows of a temporal state's master
 
 
 def _f64(x) -> np.ndarray:
@@ -150,16 +153,21 @@ def summarize_stats(prefix: str, counts: np.ndarray, moments: np.ndarray) -> dic
     return out
 
 
-def temporal_var(tally: np.ndarray, skipped: np.ndarray, moments: np.ndarray) -> np.ndarray:
-    """Population variance over steps, M2 / count, from a temporal (tally, skipped, moments)
-    state (ops.temporal_update); nan where an element has no observation."""
+def temporal_var(tally: np.ndarray, skipped: np.ndarray, moments: np.ndarray,
+                 master: np.ndarray) -> np.ndarray:
+    """Population variance over steps from a temporal (tally, skipped, moments, master) state
+    (ops.temporal_update): the master's closed blocks and the open block merged, M2 / count;
+    nan where an element has no observation."""
     n = (np.asarray(tally)[_CALLS] - np.asarray(skipped)).astype(np.float64)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(n > 0, _f64(moments)[_M2] / n, np.nan)
+    block, master = _f64(moments), _f64(master)
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+        _, _, m2 = chan.merge(master[_MASTER_COUNT], master[_MASTER_MEAN], master[_MASTER_M2],
+                              n - master[_MASTER_COUNT], block[_SHIFT] + block[_MEAN], block[_M2])
+        return np.where(n > 0, m2 / n, np.nan)
 
 
 def _temporal(buffers: Mapping[str, np.ndarray], kind: str):
-    return buffers[f"{kind}.tally"], buffers[f"{kind}.skipped"], buffers[f"{kind}.moments"]
+    return tuple(buffers[f"{kind}.{part}"] for part in ("tally", "skipped", "moments", "master"))
 
 
 def layer_summary(buffers: Mapping[str, np.ndarray], *, track: Mapping[str, bool],
@@ -167,9 +175,9 @@ def layer_summary(buffers: Mapping[str, np.ndarray], *, track: Mapping[str, bool
     """One layer's summary (the keys of DESIGN section 2) from its packed statistics on host.
 
     `buffers` holds the LayerState buffers as numpy arrays ("activation.counts",
-    "activation.moments", ..., "weight.tally", "weight.skipped", "weight.moments"); "weight.spread"
-    may stand in for the weight's temporal state, already reduced per neuron, and then "weight.temporal_var" is absent;
-    "bias.spread" likewise for the bias's.
+    "activation.moments", ..., "weight.tally", "weight.skipped", "weight.moments", "weight.master");
+    "weight.spread" may stand in for the weight's temporal state, already reduced per neuron, and
+    then "weight.temporal_var" is absent; "bias.spread" likewise for the bias's.
     `weight_rows` maps a weight-shaped array to [N, fan_in], neuron j's incoming weights in
     row j (default: neurons are the first dim); "weight.temporal_var" keeps the weight's shape.
     """

@@ -11,7 +11,8 @@ Options (keyword arguments of `instrument`; options.py checks each one's type an
   every        observe one step in `every` (1): forwards/backwards of that step and the
                weights after it; the others run the plain torch path
   weight_mode  "element" (default): per-element temporal variance of every weight,
-               3 float32 + 1 int32 of state per weight; weight.spread_j is the RMS over
+               3 float32 + 3 float64 + 1 int32 of state per weight (40 bytes; the float64
+               master keeps long runs exact); weight.spread_j is the RMS over
                neuron j's incoming weights of their temporal std.
                "neuron": O(neurons) memory; records each neuron's RMS incoming weight
                r_j = sqrt(mean_i w_ji^2) per step, and weight.spread_j is the temporal std
@@ -70,8 +71,9 @@ from .reads import ConsistentReads
 _thread_id = threading.get_ident
 READ_TIMEOUT_S = 60.0  # how long a read from another thread waits for a step boundary
 
-# Layout of state_dict(); 2: weight and bias temporal state as (tally, skipped, moments).
-STATE_VERSION = 2
+# Layout of state_dict(); 2: weight and bias temporal state as (tally, skipped, moments);
+# 3: (tally, skipped, moments, master), a float64 master under a float32 block (version 2 is read).
+STATE_VERSION = 3
 
 
 class Monitor:
@@ -108,7 +110,7 @@ class Monitor:
             plan = self._plan if self._plan is not None and self._plan.valid() else self._new_plan()
             values = plan.values + [_computed_value(m, st, role) for m, st, role in plan.computed]
             if values:
-                ops.temporal_update(values, plan.tallies, plan.skipped, plan.moments)
+                ops.temporal_update(values, *plan.temporal)
         self.steps += 1
         if self._grad_scale is not None:
             self._commit_scaled_gradients()
@@ -143,7 +145,7 @@ class Monitor:
                     plan.read_in_place(m, st.params[role], value, st.temporal_state(role))
                 else:       # parametrized, or the per-neuron RMS: computed each step
                     plan.compute(m, st, role, st.temporal_state(role))
-        plan.tallies, plan.skipped, plan.moments = plan.states() or ([], [], [])
+        plan.temporal = plan.states()
         self._plan = plan
         return plan
 
@@ -311,6 +313,9 @@ class Monitor:
         """Restore statistics saved by state_dict() into a Monitor of the same model and options."""
         self._check_live()
         _check_state_dict(sd)
+        if sd["version"] == 2:
+            sd = {**sd, "layers": {name: LayerState.upgrade_single_level(saved)
+                                   for name, saved in sd["layers"].items()}}
         saved_opts, opts = ({k: v for k, v in {**options_.DEFAULTS, **o}.items()
                              if k not in rundir.LOG_OPTIONS}
                             for o in (sd["options"], self.options))  # DEFAULTS: options added later
@@ -386,9 +391,9 @@ def _check_state_dict(sd) -> None:
     if not isinstance(sd, dict):
         raise TypeError(f"load_state_dict expects the dict of Monitor.state_dict(), "
                         f"got {options_.describe(sd)}")
-    if sd.get("version") != STATE_VERSION:
+    if sd.get("version") not in (2, STATE_VERSION):
         raise ValueError(f"unsupported monitor state version {sd.get('version')!r} "
-                         f"(this version reads {STATE_VERSION})")
+                         f"(this version reads 2 and {STATE_VERSION})")
     for key, kind, what in (("steps", int, "an integer"), ("options", dict, "a dict"),
                             ("layers", dict, "a dict")):
         if not isinstance(sd.get(key), kind) or isinstance(sd.get(key), bool):
@@ -429,7 +434,7 @@ class _StepPlan:
         self._computed_states.append(state)
 
     def states(self):
-        """(tallies, skipped, moments) lists, in the order step() builds its values."""
+        """(tallies, skipped, moments, masters) lists, in the order step() builds its values."""
         return tuple(list(part) for part in zip(*(self._direct_states + self._computed_states)))
 
     def valid(self) -> bool:

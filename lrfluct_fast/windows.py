@@ -6,7 +6,9 @@ every step and the weight window every 1000 steps; a statistic not named keeps o
 the whole run (since instrument or reset()). Monitor.step() closes a window after its last
 step: it takes device copies of that statistic's per-neuron summaries (the row, see
 `ROW_KEYS`), merges the window's buffers into the statistic's whole-run totals with Chan's
-formula (ops.merge_stats) and zeroes them for the next window. Nothing synchronises with the
+formula (ops.merge_stats; for weights and biases the window's two-level temporal state, read
+by ops.temporal_stats, into the float64 master of the totals) and zeroes them for the next
+window. Nothing synchronises with the
 host; the row goes to the run directory's writer (log_dir) and to the Monitor's memory
 (Monitor.closed_windows(), at most KEPT_ROWS unread rows).
 
@@ -27,7 +29,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from . import fsdp, metrics, ops
+from . import chan, fsdp, metrics, ops
+from .nn.layer_state import TEMPORAL_PARTS
 
 STATISTICS = ("activation", "gradient", "weight", "bias")
 # the per-neuron keys of a closed window's row, per statistic (the keys of mon.summary())
@@ -49,7 +52,7 @@ class Window:
 
 
 def _parts(statistic: str) -> tuple[str, ...]:
-    return ("counts", "moments") if statistic in ("activation", "gradient") else ("tally", "skipped", "moments")
+    return ("counts", "moments") if statistic in ("activation", "gradient") else TEMPORAL_PARTS
 
 
 def _merge_into(total: dict[str, torch.Tensor], window: dict[str, torch.Tensor], statistic: str) -> None:
@@ -57,16 +60,25 @@ def _merge_into(total: dict[str, torch.Tensor], window: dict[str, torch.Tensor],
     if statistic in ("activation", "gradient"):
         ops.merge_stats(total["counts"], total["moments"], window["counts"], window["moments"])
         return
-    # a temporal state: counts implicit (calls - skipped); moments [3, *S] as batch moments
-    def packed(parts):  # [3, M] batch counts: only the COUNT row matters to the moments
-        counts = torch.zeros(3, parts["skipped"].numel(), dtype=torch.int64,
-                             device=parts["skipped"].device)
-        torch.sub(parts["tally"][ops.CALLS], parts["skipped"].reshape(-1), out=counts[ops.COUNT])
-        return counts
-    moments = total["moments"].view(3, -1)
-    ops.merge_stats(packed(total), moments, packed(window), window["moments"].view(3, -1))
-    total["tally"] += window["tally"]
+    # two-level temporal states (ops.temporal_update): each one's master and block merged
+    # (ops.temporal_stats), the two merged into the total's master; its block is left empty
+    merged = chan.merge(*_count_mean_m2(total), *_count_mean_m2(window))
+    master = total["master"]
+    for row, value in zip((ops.MASTER_COUNT, ops.MASTER_MEAN, ops.MASTER_M2), merged):
+        master[row] = value
+    total["moments"].zero_()
     total["skipped"] += window["skipped"]
+    tally = total["tally"]
+    tally += window["tally"]
+    tally[ops.FLUSHED] = tally[ops.CALLS]  # an empty block: readers take the master alone
+
+
+def _count_mean_m2(state: dict[str, torch.Tensor]):
+    """float64 (count, mean, M2) per element of a temporal state, 0 where it has no value."""
+    counts, mean, var = ops.temporal_stats(*(state[p] for p in TEMPORAL_PARTS))
+    n = counts.double()
+    seen = counts > 0
+    return n, torch.where(seen, mean, 0), torch.where(seen, var * n, 0)
 
 
 def whole_run(buffers: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

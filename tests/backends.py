@@ -1,6 +1,6 @@
 """The backends every op test runs on CPU tensors, each behind a clean skip when unavailable.
 
-`call(backend, op, *args)` runs one op on one backend: "torch" is the plain-torch fallback,
+`call(backend, op, *args, **kwargs)` runs one op on one backend: "torch" is the plain-torch fallback,
 "cpp" the C++ kernel through the public entry points (lrfluct_fast.ops.<op>, which dispatch),
 "triton" the Triton launcher lrfluct_fast.ops.<op>_triton: in Triton's interpreter when there is
 no GPU (tests/conftest.py sets TRITON_INTERPRET=1), else compiled, on CUDA copies of the
@@ -45,20 +45,20 @@ def _copy_back(host, dev) -> None:
             _copy_back(h, d)
 
 
-def _call_triton(op: str, *args):
+def _call_triton(op: str, *args, **kwargs):
     fn = ops.TRITON_IMPLS[op]
     if _triton_config.INTERPRET:
-        return fn(*args)
+        return fn(*args, **kwargs)
     dev_args = _to(args, "cuda")
-    out = fn(*dev_args)
+    out = fn(*dev_args, **kwargs)
     _copy_back(args, dev_args)  # in-place state updates
     return _to(out, "cpu")
 
 
-def call(backend: str, op: str, *args):
+def call(backend: str, op: str, *args, **kwargs):
     skip_unless_available(backend)
     if backend == "torch":
-        return ops.TORCH_IMPLS[op](*args)
+        return ops.TORCH_IMPLS[op](*args, **kwargs)
     if backend == "triton":
-        return _call_triton(op, *args)
-    return getattr(ops, op)(*args)
+        return _call_triton(op, *args, **kwargs)
+    return getattr(ops, op)(*args, **kwargs)

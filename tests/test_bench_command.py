@@ -107,5 +107,5 @@ def test_gpu_check_script_runs_in_smoke_mode(tmp_path):
     assert done.returncode == 0, done.stderr
     summary = (out / "summary.md").read_text()
     assert "kernels: worst" in summary and "FAILED" not in summary
-    assert "| batch_stats+merge |" in (out / "kernels.md").read_text()
+    assert "| accumulate_stats |" in (out / "kernels.md").read_text()
     assert (out / "bench" / "bench.md").exists()

@@ -57,3 +57,50 @@ def test_cuda_matches_snapshot(make, shape, autocast):
             else:
                 scale = np.nanmax(np.abs(want)) if np.isfinite(want).any() else 1.0
                 np.testing.assert_allclose(got, want, rtol=rtol, atol=rtol * scale, err_msg=f"{layer} {key}")
+
+
+def test_eager_monitored_step_replays_in_a_cuda_graph():
+    # capture needs no host synchronisation and the same allocations every step: a captured
+    # monitored forward + backward replays, and each replay is counted
+    torch.manual_seed(0)
+    model = mlp().cuda()
+    mon = lf.instrument(model)
+    x = torch.randn(64, 37, device="cuda")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up off the default stream, as CUDA graphs want
+        for _ in range(3):
+            model(x).square().mean().backward()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):  # recorded, not run: counts nothing
+        model(x).square().mean().backward()
+    for _ in range(4):
+        graph.replay()
+    torch.cuda.synchronize()
+    summary = mon.summary()
+    for layer in ("0", "2", "4"):
+        np.testing.assert_array_equal(summary[layer]["activation.count"], 7 * 64)
+        np.testing.assert_array_equal(summary[layer]["gradient.count"], 7 * 64)
+
+
+def test_compiled_monitored_step_is_cuda_graphed():
+    # torch.compile(mode="reduce-overhead") graphs the monitored step: no cudagraph skips
+    from torch._dynamo.utils import counters
+    torch.manual_seed(0)
+    model = mlp().cuda()
+    mon = lf.instrument(model)
+    x = torch.randn(64, 37, device="cuda")
+
+    def forward_backward(x):
+        loss = model(x).square().mean()
+        loss.backward()
+        return loss
+
+    counters.clear()
+    step = torch.compile(forward_backward, mode="reduce-overhead")
+    for _ in range(5):
+        step(x)
+    torch.cuda.synchronize()
+    assert not counters["inductor"]["cudagraph_skips"], dict(counters["inductor"])
+    np.testing.assert_array_equal(mon.summary()["0"]["activation.count"], 5 * 64)

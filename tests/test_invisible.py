@@ -560,18 +560,19 @@ class _Double(nn.Module):
 
 
 @pytest.mark.skipif(lf.backend("cpu") != "cpp", reason="C++ extension not built")
-def test_cpp_observe_op_and_python_function_record_the_same():
-    # eager layers take the C++ op (csrc/observe.cpp); the Python Observe is the path under
-    # compile: both give the same statistics, including a backward inside paused()
+def test_cpp_observer_and_python_function_record_the_same():
+    # eager layers take the C++ Observer (csrc/observe.cpp); the Python Observe is the path
+    # under compile: both give the same statistics, including a backward inside paused()
     runs = {}
     for path in ("cpp", "python"):
         plain, wrapped, mon = plain_and_wrapped("convs", seed=36)
         if path == "python":
             for st in mon.states.values():
-                st._op_dim_of = None
+                st.observer = None
         out = wrapped(make_input("convs", seed=37))
-        node = type(out.grad_fn).__name__ + out.grad_fn.name()
-        assert ("ObserveFunction" in node) == (path == "cpp"), node
+        assert out.grad_fn.name() == "ObserveBackward"
+        python_node = isinstance(out.grad_fn, torch.autograd.function.BackwardCFunction)
+        assert python_node == (path == "python")
         loss_of(out).backward()
         loss = loss_of(wrapped(make_input("convs", seed=38)))
         with mon.paused():

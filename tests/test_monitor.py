@@ -411,6 +411,28 @@ def test_state_dict_resume_identical():
         torch.testing.assert_close(p, q, rtol=0, atol=0)
 
 
+def test_load_state_dict_version_2():
+    """A state saved before the temporal master (tally [2], no master) resumes as an open block:
+    the same statistics, and the next steps go on from them."""
+    data = batches("mlp", 6, seed=23)
+    straight = build("mlp", 8)
+    mon = lf.instrument(straight)
+    train(straight, [mon], data, make_opt(straight, "adam"))
+
+    first = build("mlp", 8)
+    mon1 = lf.instrument(first)
+    opt1 = make_opt(first, "adam")
+    train(first, [mon1], data[:3], opt1)
+    sd = mon1.state_dict()
+    old = {name: {k: t[:2] if k.endswith(".tally") else t for k, t in buffers.items()
+                  if not k.endswith(".master")} for name, buffers in sd["layers"].items()}
+    mon1.remove()
+    mon2 = lf.instrument(first)
+    mon2.load_state_dict({**sd, "version": 2, "layers": old})
+    train(first, [mon2], data[3:], opt1)
+    assert_summaries_close(mon2.summary(), mon.summary())
+
+
 def test_load_state_dict_mismatch_raises():
     mlp = build("mlp")
     sd = lf.instrument(mlp).state_dict()
@@ -426,7 +448,7 @@ def test_load_state_dict_mismatch_raises():
         lf.instrument(Wider()).load_state_dict(sd)
     with pytest.raises(ValueError, match="options"):
         lf.instrument(build("mlp"), every=2).load_state_dict(sd)
-    with pytest.raises(ValueError, match="state version 1"):  # the layout before implicit counts
+    with pytest.raises(ValueError, match="state version 1 .this version reads 2 and 3"):  # before implicit counts
         lf.instrument(build("mlp")).load_state_dict({**sd, "version": 1})
 
 

@@ -9,13 +9,17 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-from backends import call
+from backends import call, skip_unless_available
 from lrfluct_fast import ops
 from lrfluct_fast.ops import COUNT, M2, MEAN, NONFINITE, POSITIVE, mean_of
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+import long_run  # noqa: E402  the long-run trajectories and their float64 reference
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 SHAPES = [
@@ -63,7 +67,7 @@ def torch_error(x):
 def assert_close_to_reference(counts, moments, x):
     rc, rm = ops.batch_stats_reference(x)
     assert counts.dtype == torch.int64 and torch.equal(counts, rc)
-    assert moments.dtype == ops.moments_dtype(x.dtype)
+    assert moments.dtype == ops.STATS_DTYPE
     assert moments.shape == rm.shape
     if x.numel() == 0:
         assert not moments.any()
@@ -107,7 +111,96 @@ def test_batch_stats_noncontiguous(backend):
     assert_close_to_reference(*call(backend, "batch_stats", x), x)
 
 
-def empty_state(n, dtype=torch.float32):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("shape", [(3, 7, 11), (1, 5, 1), (2, 0, 3), (0, 4, 5), (5, 33, 70)], ids=str)
+def test_batch_stats_neurons_in_the_middle(backend, dtype, shape):
+    # [B, N, S]: a conv output's channels, read in place (no movedim copy on the GPU)
+    x = make_data((shape[0] * shape[2], shape[1]), dtype, "nonfinite", seed=4)
+    x = x.reshape(shape[0], shape[2], shape[1]).transpose(1, 2).contiguous()
+    assert_close_to_reference(*call(backend, "batch_stats", x), x)
+    strided = torch.cat([x, x], dim=2)[:, :, ::2]  # no unit stride anywhere
+    assert_close_to_reference(*call(backend, "batch_stats", strided), strided)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_batch_stats_near_the_dtype_maximum(backend, dtype):
+    # finite values near the dtype's maximum: a finite mean and variance (the variance of data
+    # near float32's maximum, ~1e77, is held by the float64 moments)
+    big = torch.finfo(dtype).max
+    x = torch.tensor([[0.9, -0.9, 1.0, 1e-30], [-0.99, 0.5, 1.0, 1.0], [0.7, -1.0, 1.0, -1.0]],
+                     dtype=torch.float64) * torch.tensor([big, big, big, 1.0], dtype=torch.float64)
+    x = x.to(dtype)
+    counts, moments = call(backend, "batch_stats", x)
+    rc, rm = ops.batch_stats_reference(x)
+    assert torch.isfinite(moments).all(), moments
+    # the last column's mean is 3.3e-31: the two-pass reference rounds it to 0, atol covers it
+    torch.testing.assert_close(mean_of(moments), rm[MEAN], rtol=1e-6, atol=1e-12)
+    torch.testing.assert_close(moments[M2], rm[M2], rtol=1e-6, atol=1e-12)
+
+
+def test_batch_stats_float64_extremes(backend):
+    # M2 as float64 holds it; beyond float64 (data at 1e200 that varies) it is inf, never 0
+    x = torch.tensor([[1e150, 1e200, 1e-200, 5.0], [-1e150, -1e200, 3e-200, 5.0],
+                      [3e150, 3e200, -2e-200, 5.0]], dtype=torch.float64)
+    counts, moments = call(backend, "batch_stats", x)
+    rc, rm = ops.batch_stats_reference(x)
+    assert rm[M2, 1] == float("inf") and moments[M2, 1] == float("inf")
+    torch.testing.assert_close(mean_of(moments), rm[MEAN], rtol=1e-12, atol=0)
+    keep = torch.tensor([0, 2, 3])
+    torch.testing.assert_close(moments[M2, keep], rm[M2, keep], rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("pending", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+def test_accumulate_equals_batch_stats_then_merge(backend, pending, dtype):
+    first, second = make_data((61, 23), dtype, "nonfinite", seed=5), make_data((8, 23), dtype, "offset", seed=6)
+    counts, moments = empty_state(23)
+    call(backend, "accumulate_stats", first, counts, moments)
+    into = empty_state(23)
+    extra = (*call(backend, "batch_stats", first), *into) if pending else ()
+    call(backend, "accumulate_stats", second, counts, moments, *extra)
+    assert_close_to_reference(counts, moments, torch.cat([first, second]))
+    if pending:
+        assert_close_to_reference(*into, first)
+    else:
+        assert not into[0].any() and not into[1].any()
+
+
+def test_accumulate_bad_input_leaves_state(backend):
+    x = torch.randn(5, 4)
+    counts, moments = empty_state(4)
+    with pytest.raises(ValueError, match="moments must have dtype"):
+        call(backend, "accumulate_stats", x, counts, moments.float())
+    with pytest.raises(ValueError, match="come together"):
+        call(backend, "accumulate_stats", x, counts, moments, counts.clone(), None, None, None)
+    with pytest.raises(ValueError, match="into_moments must have shape"):
+        call(backend, "accumulate_stats", x, counts, moments, *empty_state(4), counts.clone(),
+             moments[:, :3].contiguous())
+    assert not counts.any() and not moments.any()
+
+
+@pytest.mark.parametrize("backend_batches", [("cpp", 1_000_000), ("torch", 20_000)], ids=str)
+def test_running_stats_of_drifting_data_stay_exact(backend_batches):
+    # 1e6 batches whose mean drifts from 0 to 1000 (float32 running state: mean off by 0.064):
+    # the float64 state keeps the running mean and variance within 1e-5 of exact
+    backend, batches = backend_batches
+    n, rows = 3, 4
+    drift = torch.linspace(0, 1000, batches, dtype=torch.float64)
+    spread = 0.5 + torch.rand(batches, n, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    batch_counts = torch.tensor([[rows] * n, [rows] * n, [0] * n], dtype=torch.int64)
+    # batch b: mean 0 about the shift drift[b], M2 = spread * rows
+    stats = torch.stack([torch.zeros_like(spread), spread * rows, drift[:, None].expand(-1, n)], 1)
+    counts, moments = empty_state(n)
+    for batch in stats.unbind(0):
+        call(backend, "merge_stats", counts, moments, batch_counts, batch)
+    mean = drift.mean()
+    m2 = (spread * rows).sum(0) + rows * (drift - mean).square().sum()
+    assert counts[COUNT].tolist() == [rows * batches] * n
+    torch.testing.assert_close(mean_of(moments), mean.expand(n), rtol=1e-5, atol=0)
+    torch.testing.assert_close(moments[M2], m2, rtol=1e-5, atol=0)
+
+
+def empty_state(n, dtype=ops.STATS_DTYPE):
     return torch.zeros(3, n, dtype=torch.int64), torch.zeros(3, n, dtype=dtype)
 
 
@@ -118,7 +211,7 @@ def test_merge_equals_one_batch(backend, dtype, kind):
     chunks = [x[:10], x[10:11], x[11:]]
     results = []
     for order in ([0, 1, 2], [2, 0, 1]):
-        counts, moments = empty_state(41, ops.moments_dtype(dtype))
+        counts, moments = empty_state(41)
         for i in order:
             call(backend, "merge_stats", counts, moments, *call(backend, "batch_stats", chunks[i]))
         assert_close_to_reference(counts, moments, x)
@@ -158,24 +251,125 @@ def temporal_trajectories(dtype, steps):
     return trajectories
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_temporal_update(backend, dtype):
+TEMPORAL_CASES = ([(dtype, ops.FLUSH_EVERY) for dtype in DTYPES]
+                  + [(torch.float32, 4), (torch.float64, 4), (torch.bfloat16, 1)])
+
+
+@pytest.mark.parametrize("dtype, flush_every", TEMPORAL_CASES, ids=str)
+def test_temporal_update(backend, dtype, flush_every):
+    """Every element's (count, mean, var) against float64, with blocks longer than the run
+    (the float32 block alone), of 4 calls (block starts mid-run, among skipped values) and of
+    1 (every value through the master)."""
     steps = 25
     trajectories = temporal_trajectories(dtype, steps)
     state_dtype = ops.moments_dtype(dtype)
     states = [ops.new_state(t[0], state_dtype) for t in trajectories]
     for step in range(steps):
-        call(backend, "temporal_update", [t[step] for t in trajectories], *zip(*states))
+        call(backend, "temporal_update", [t[step] for t in trajectories], *zip(*states),
+             flush_every=flush_every)
     for t, state in zip(trajectories, states):
         rcount, rmean, rvar = ops.temporal_stats_reference(t)
         count, mean, var = ops.temporal_stats(*state)
-        tally, skipped, _ = state
-        assert tally.tolist() == [steps, int((steps - rcount).sum())]
+        tally, _, _, master = state
+        closed = steps - 1 - (steps - 1) % flush_every  # the call that opened the last block
+        assert tally.tolist() == [steps, int((steps - rcount).sum()), 0, closed]
         assert torch.equal(count, rcount)
         seen = rcount > 0
-        torch.testing.assert_close(mean.double()[seen], rmean[seen], rtol=1e-6, atol=0)
+        assert (master[ops.MASTER_COUNT] <= count).all()
+        torch.testing.assert_close(mean[seen], rmean[seen], rtol=1e-6, atol=0)
         # the fluctuation variance (~1e-10) itself must be right, not just tiny
-        torch.testing.assert_close(var.double()[seen], rvar[seen], rtol=1e-4, atol=0)
+        torch.testing.assert_close(var[seen], rvar[seen], rtol=1e-4, atol=0)
+
+
+def test_temporal_update_backends_agree(backend):
+    """Every backend keeps the same state layout: the same counts, block starts and master
+    counts as the plain-torch one's, the statistics within rounding."""
+    if backend == "torch":
+        pytest.skip("compares a backend with the torch one")
+    trajectories = temporal_trajectories(torch.float32, 11)
+    runs = {}
+    for name in ("torch", backend):
+        states = [ops.new_state(t[0]) for t in trajectories]
+        for step in range(11):
+            call(name, "temporal_update", [t[step] for t in trajectories], *zip(*states),
+                 flush_every=3)
+        runs[name] = states
+    for mine, theirs in zip(runs[backend], runs["torch"]):
+        assert torch.equal(mine[0], theirs[0]) and torch.equal(mine[1], theirs[1])
+        assert torch.equal(mine[3][ops.MASTER_COUNT], theirs[3][ops.MASTER_COUNT])
+        torch.testing.assert_close(mine[2], theirs[2], rtol=1e-5, atol=1e-9, equal_nan=True)
+        torch.testing.assert_close(mine[3], theirs[3], rtol=1e-6, atol=1e-12, equal_nan=True)
+
+
+def extreme_trajectory(dtype, steps=24):
+    """Finite values at the edge of `dtype`'s range, as columns: +-max alternating, a first
+    value of 0 then values near max, near -max with a little spread, and a small value
+    jittering beside a huge one (each column one element)."""
+    g = torch.Generator().manual_seed(5)
+    big = torch.finfo(dtype).max if dtype != torch.float64 else 1e150
+    t = torch.arange(steps, dtype=torch.float64)
+    sign = 1 - 2 * (t % 2)
+    cols = [big * 0.99 * sign,
+            torch.where(t == 0, 0.0, big * (0.5 + 0.4 * torch.rand(steps, generator=g, dtype=torch.float64))),
+            -big * (0.98 + 0.01 * torch.rand(steps, generator=g, dtype=torch.float64)),
+            torch.where(t % 5 == 0, big * 0.7, 0.3 + 1e-3 * torch.randn(steps, generator=g, dtype=torch.float64))]
+    return torch.stack(cols, 1).to(dtype)
+
+
+# Triton's interpreter computes the differences that overflow (then escape) with numpy, which warns
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning",
+                            "ignore:invalid value encountered:RuntimeWarning")
+@pytest.mark.parametrize("flush_every", [ops.FLUSH_EVERY, 4])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_temporal_update_extremes(backend, dtype, flush_every):
+    """Finite values near the dtype's maximum (float32, bf16: +-3.4e38, variance ~1e77) never
+    give an infinite or nan mean or variance; float64 values far from 1 keep their M2."""
+    x = extreme_trajectory(dtype)
+    state = ops.new_state(x[0], ops.moments_dtype(dtype))
+    for row in x:
+        call(backend, "temporal_update", [row], *([t] for t in state), flush_every=flush_every)
+    _, rmean, rvar = ops.temporal_stats_reference(x)
+    count, mean, var = ops.temporal_stats(*state)
+    assert torch.isfinite(mean).all() and torch.isfinite(var).all(), (mean, var)
+    assert (count == len(x)).all()
+    scale = rmean.abs() + rvar.sqrt()  # the mean of +-max alternating is 0: relative to the spread
+    assert ((mean - rmean).abs() <= 1e-6 * scale).all(), (mean, rmean)
+    torch.testing.assert_close(var, rvar, rtol=1e-6, atol=0)
+    if dtype in (torch.float32, torch.bfloat16):  # differences beyond 2^48 left the float32 block
+        assert state[0][ops.ESCAPED] > 0
+
+
+def test_temporal_update_float64_far_values(backend):
+    """float64 values of 1e200 keep their (zero) M2 and exact mean; 1e150 with a spread of
+    1e144 keeps its variance of ~1e288."""
+    x = torch.stack([torch.full((9,), 1e200, dtype=torch.float64),
+                     1e150 + 1e144 * torch.arange(9, dtype=torch.float64)], 1)
+    state = ops.new_state(x[0], torch.float64)
+    for row in x:
+        call(backend, "temporal_update", [row], *([t] for t in state), flush_every=4)
+    _, rmean, rvar = ops.temporal_stats_reference(x)
+    _, mean, var = ops.temporal_stats(*state)
+    assert mean[0] == rmean[0] == 1e200 and var[0] == rvar[0] == 0
+    torch.testing.assert_close(mean, rmean, rtol=1e-15, atol=0)
+    torch.testing.assert_close(var, rvar, rtol=1e-9, atol=0)  # block means round to 2e134
+
+
+LONG_RUN = {"cpp": (1_000_000, None), "torch": (3000, 16), "triton": (300, 8)}  # steps, flush_every
+
+
+def test_temporal_update_long_run(backend):
+    """A weight moving linearly from 0 to 1 over the run, one jittering by 1e-7 of its value
+    and a random walk keep their variance and mean within 1e-5 of float64: 1e6 calls of the
+    C++ kernel (a few seconds), shorter runs with short blocks for the others (bench/long_run.py
+    runs 1e7)."""
+    steps, flush_every = LONG_RUN[backend]
+    skip_unless_available(backend)
+    update = {"cpp": ops.temporal_update, "torch": ops.TORCH_IMPLS["temporal_update"],
+              "triton": ops.TRITON_IMPLS["temporal_update"]}[backend]
+    run = long_run.Run(steps, update, flush_every)
+    run.advance(steps)
+    for kind, (var_err, mean_err) in run.errors().items():
+        assert var_err < 1e-5 and mean_err < 1e-5, (kind, var_err, mean_err)
 
 
 def test_opcheck(backend):
@@ -188,15 +382,19 @@ def test_opcheck(backend):
     counts, moments = torch.ops.lrfluct.batch_stats(x)
     torch.library.opcheck(torch.ops.lrfluct.merge_stats.default,
                           (*empty_state(30), counts, moments))
+    torch.library.opcheck(torch.ops.lrfluct.accumulate_stats.default,
+                          (x, *empty_state(30), counts, moments, *empty_state(30)))
     w = [torch.randn(4, 3), torch.randn(5)]
     st = [ops.new_state(v) for v in w]
     torch.library.opcheck(torch.ops.lrfluct.temporal_update.default, (w, *map(list, zip(*st))))
+    torch.library.opcheck(torch.ops.lrfluct.temporal_update.default, (w, *map(list, zip(*st)), 2))
 
 
 def test_compile():
     def step(x, counts, moments):
         bc, bm = ops.batch_stats(x * 2)
         ops.merge_stats(counts, moments, bc, bm)
+        ops.accumulate_stats(x, counts, moments, bc, bm, counts, moments)
 
     compiled = torch.compile(step, fullgraph=True)
     x = make_data((16, 8), torch.float32, "normal")
@@ -209,7 +407,7 @@ def test_compile():
 
 BAD_BATCH_STATS = [
     (lambda: torch.zeros(3), "x must be a 2-D"),
-    (lambda: torch.zeros(2, 3, 4), "x must be a 2-D"),
+    (lambda: torch.zeros(2, 3, 4, 5), "x must be a 2-D"),
     (lambda: torch.zeros(2, 3, dtype=torch.int64), "x must be float16"),
 ]
 
@@ -228,8 +426,8 @@ def bad_merges():
     yield (c, m[:, :3], bc, bm), "moments must have shape"
     yield (c, m.half(), bc, bm), "moments must have dtype"
     yield (c, m, bc[:, :3], bm), "batch_counts must have shape"
-    yield (c, m, bc, bm.double()), "batch_moments must have dtype"
-    yield (c, torch.zeros(4, 3).t(), bc, bm), "moments must be contiguous"
+    yield (c, m, bc, bm.float()), "batch_moments must have dtype"
+    yield (c, torch.zeros(4, 3, dtype=torch.float64).t(), bc, bm), "moments must be contiguous"
 
 
 @pytest.mark.parametrize("case", range(7))
@@ -244,22 +442,27 @@ def test_merge_bad_input_leaves_state(backend, case):
 
 def bad_temporal():
     w = [torch.randn(3, 2), torch.randn(4)]
-    t, s, m = map(list, zip(*[ops.new_state(v) for v in w]))
-    yield ([], [], [], []), "values must be a non-empty list"
-    yield (w, t, s[:1], m), "same length"
-    yield ([w[0], w[1].long()], t, s, m), r"values\[1\] must be float16"
-    yield (w, [t[0], t[1].int()], s, m), r"tallies\[1\] must have dtype"
-    yield (w, [t[0], t[1][:1]], s, m), r"tallies\[1\] must have shape"
-    yield (w, t, [s[0], s[1].long()], m), r"skipped\[1\] must have dtype"
-    yield (w, t, [s[0], s[1][:3]], m), r"skipped\[1\] must have shape"
-    yield (w, t, s, [m[0], m[1][:2]]), r"moments\[1\] must have shape"
-    yield (w, t, s, [m[0], m[1].half()]), r"moments\[1\] must have dtype"
+    t, s, m, g = map(list, zip(*[ops.new_state(v) for v in w]))
+    yield ([], [], [], [], []), "values must be a non-empty list"
+    yield (w, t, s[:1], m, g), "same length"
+    yield (w, t, s, m, g[:1]), "same length"
+    yield ([w[0], w[1].long()], t, s, m, g), r"values\[1\] must be float16"
+    yield (w, [t[0], t[1].int()], s, m, g), r"tallies\[1\] must have dtype"
+    yield (w, [t[0], t[1][:2]], s, m, g), r"tallies\[1\] must have shape"
+    yield (w, t, [s[0], s[1].long()], m, g), r"skipped\[1\] must have dtype"
+    yield (w, t, [s[0], s[1][:3]], m, g), r"skipped\[1\] must have shape"
+    yield (w, t, s, [m[0], m[1][:2]], g), r"moments\[1\] must have shape"
+    yield (w, t, s, [m[0], m[1].half()], g), r"moments\[1\] must have dtype"
+    yield (w, t, s, m, [g[0], g[1][:2]]), r"masters\[1\] must have shape"
+    yield (w, t, s, m, [g[0], g[1].float()]), r"masters\[1\] must have dtype"
+    yield (w, t, s, m, g, 0), "flush_every must be an integer from 1 to 16777216, got 0"
+    yield (w, t, s, m, g, 1 << 25), "flush_every must be an integer from 1 to 16777216"
 
 
-@pytest.mark.parametrize("case", range(9))
+@pytest.mark.parametrize("case", range(14))
 def test_temporal_bad_input_leaves_state(backend, case):
     args, message = list(bad_temporal())[case]
-    state = [x for lst in args[1:] for x in lst]
+    state = [x for lst in args[1:5] for x in lst]
     before = [x.clone() for x in state]
     with pytest.raises(ValueError, match=message):
         call(backend, "temporal_update", *args)

@@ -24,7 +24,7 @@ def _make():
     net = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.ReLU(), torch.nn.Linear(16, 6))
     mon = lf.instrument(net)
     for st in mon.states.values():
-        st._op_dim_of = None  # the Python merge path, so the stall below can hold a merge
+        st.observer = None  # the Python path, so the stall below can hold a merge
     return net, mon, torch.optim.SGD(net.parameters(), lr=0.1)
 
 
@@ -36,26 +36,31 @@ def _train_step(net, opt, mon, step):
 
 
 class _StalledMerge:
-    """ops.merge_stats that, once armed, writes half of the neurons, signals, waits until
-    released, then writes the rest."""
+    """ops.accumulate_stats (a backward's merge of dL/dz's and the pending activation
+    statistics) that, once armed, writes half of the neurons, signals, waits until released,
+    then writes the rest."""
 
     def __init__(self, monkeypatch):
         self.armed = False
         self.halfway, self.release = threading.Event(), threading.Event()
-        self._merge = ops.merge_stats
-        monkeypatch.setattr(ops, "merge_stats", self)
+        self._accumulate = ops.accumulate_stats
+        monkeypatch.setattr(ops, "accumulate_stats", self)
 
-    def __call__(self, counts, moments, batch_counts, batch_moments):
+    def __call__(self, x, *state):
         if not self.armed:
-            return self._merge(counts, moments, batch_counts, batch_moments)
+            return self._accumulate(x, *state)
         self.armed = False
-        merged_counts, merged_moments = counts.clone(), moments.clone()
-        self._merge(merged_counts, merged_moments, batch_counts, batch_moments)
-        half = counts.shape[1] // 2
-        counts[:, :half], moments[:, :half] = merged_counts[:, :half], merged_moments[:, :half]
+        merged = [None if t is None or i in (2, 3) else t.clone() for i, t in enumerate(state)]
+        merged[2:4] = state[2:4]  # the pending batch is read only
+        self._accumulate(x, *merged)
+        targets = [(t, m) for i, (t, m) in enumerate(zip(state, merged)) if i not in (2, 3) and t is not None]
+        half = state[0].shape[1] // 2
+        for t, m in targets:
+            t[:, :half] = m[:, :half]
         self.halfway.set()
         self.release.wait(10)
-        counts[:, half:], moments[:, half:] = merged_counts[:, half:], merged_moments[:, half:]
+        for t, m in targets:
+            t[:, half:] = m[:, half:]
 
 
 def _counts_consistent(summary, steps):

@@ -34,15 +34,24 @@ SCRIPT = HERE / "triton_sm90_compile.py"
 MIN_VARIANTS = 23
 
 
-@pytest.fixture(scope="module")
-def compiled(tmp_path_factory):
+# The installed triton, and triton 3.6 (the GPU machines' version) where install.sh put it.
+TRITON_36 = ROOT / ".triton-3.6"
+
+
+@pytest.fixture(scope="module", params=["installed", "3.6"])
+def compiled(request, tmp_path_factory):
     if importlib.util.find_spec("triton") is None:
         pytest.skip("triton not installed")
+    extra = []
+    if request.param == "3.6":
+        if not (TRITON_36 / "triton").is_dir():
+            pytest.skip(f"triton 3.6 not in {TRITON_36.name}/ (bash install.sh puts it there)")
+        extra = [str(TRITON_36)]
     tmp = tmp_path_factory.mktemp("triton_sm90")
     out = tmp / "result.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(tmp / "cache")  # empty: every variant really compiles
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (*extra, str(ROOT), env.get("PYTHONPATH")) if p)
     proc = subprocess.run([sys.executable, str(SCRIPT), str(out)], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0 and out.exists(), (
@@ -65,15 +74,30 @@ def test_compiles_for_sm90(compiled, case):
         assert k["ptx_bytes"] > 0 and k["cubin_bytes"] > 0, k
 
 
+@pytest.mark.parametrize("case", [case for case, _, _ in sm90.CASES if "-large-" in case])
+def test_large_shapes_fit_the_register_budget(compiled, case):
+    # the looped variants a GPU runs: at most REGISTER_BUDGET registers (so 4 blocks of 128
+    # threads fit an SM) and no spills
+    for k in compiled["cases"][case]["kernels"]:
+        info = k["ptxas"]
+        assert info is not None, f"{k['name']}: no ptxas report"
+        assert info["registers"] <= sm90.REGISTER_BUDGET and not info["spill_stores"], (
+            f"{case} {k['name']} with triton {compiled['triton']}: {info}")
+
+
 def test_every_kernel_compiled(compiled):
     kernels = {k["hash"]: k for r in compiled["cases"].values() for k in r["kernels"] if k["hash"]}
     assert len(kernels) >= MIN_VARIANTS, f"only {len(kernels)} kernel variants compiled"
     launched = {k["name"] for k in kernels.values()}
     sources = compiled["jit_functions"]
     assert launched <= set(sources), launched - set(sources)
-    for name in set(sources) - launched:  # a @triton.jit helper is compiled inside its callers
-        assert any(f"{name}(" in sources[k] for k in launched), (
-            f"{name} is neither launched by a case of {SCRIPT.name} nor called by a launched kernel")
+    reached = set(launched)  # a @triton.jit helper is compiled inside its callers, at any depth
+    while more := {name for name in set(sources) - reached
+                   if any(f"{name}(" in sources[k] for k in reached)}:
+        reached |= more
+    unreached = sorted(set(sources) - reached)
+    assert not unreached, (f"{unreached}: neither launched by a case of {SCRIPT.name} nor called "
+                           f"by a launched kernel or its helpers")
     first_case = {}
     for case, r in compiled["cases"].items():
         for k in r["kernels"]:

@@ -42,13 +42,23 @@ FLOATS = ("float16", "bfloat16", "float32", "float64")
 STATES = ("float32", "float64")
 
 # (id, op, arguments). batch_stats: input dtype and layout (contiguous 300x256: stride 1 and
-# aligned sizes; strided 300x37 view with column stride 2: no alignment, nothing equal to 1).
-# merge_stats: state dtype. temporal_update: value dtype and state dtype (the launcher accepts
+# aligned sizes; strided 300x37 view with column stride 2: no alignment, nothing equal to 1;
+# channels [4, 48, 300]: neurons in the middle), and the large shapes. accumulate_stats: with a
+# pending batch (the combine kernel's merge variants). merge_stats: float64 state. temporal_update: value dtype and state dtype (the launcher accepts
 # every pair, one kernel variant each); each call holds several tensors and an empty one.
+# Large shapes (x uninitialised: only its layout matters) give the looped variants a GPU runs:
+# many tiles per program; their registers and spills are held to BUDGET by the test.
+LARGE = {"8192x1024-bf16": ((8192, 1024), "bfloat16"), "8192x4096-bf16": ((8192, 4096), "bfloat16"),
+         "65536x256-fp32": ((65536, 256), "float32"), "2048x50257-bf16": ((2048, 50257), "bfloat16"),
+         "conv-64x256x56x56-bf16": ((64, 256, 3136), "bfloat16")}
+REGISTER_BUDGET = 128
+
 CASES = (
     [(f"batch_stats-{d}-{layout}", "batch_stats", {"dtype": d, "layout": layout})
-     for d in FLOATS for layout in ("contiguous", "strided")]
-    + [(f"merge_stats-{s}", "merge_stats", {"state": s}) for s in STATES]
+     for d in FLOATS for layout in ("contiguous", "strided", "channels")]
+    + [(f"batch_stats-large-{name}", "batch_stats", {"large": name}) for name in LARGE]
+    + [(f"accumulate_stats-{d}-pending", "accumulate_stats", {"dtype": d}) for d in ("bfloat16", "float64")]
+    + [(f"merge_stats-{s}", "merge_stats", {"state": s}) for s in ("float64",)]
     + [(f"temporal_update-{d}-{s}", "temporal_update", {"dtype": d, "state": s})
        for d in FLOATS for s in STATES]
 )
@@ -60,26 +70,34 @@ def _args(op: str, spec: dict):
     from lrfluct_fast import ops
 
     g = torch.Generator().manual_seed(0)
+    if op == "batch_stats" and "large" in spec:
+        shape, dtype = LARGE[spec["large"]]
+        return (torch.empty(shape, dtype=getattr(torch, dtype)),)
     if op == "batch_stats":
         dtype = getattr(torch, spec["dtype"])
         if spec["layout"] == "contiguous":
             x = torch.randn(300, 256, generator=g)
-        else:
+        elif spec["layout"] == "strided":
             x = torch.randn(300, 74, generator=g)[:, ::2]
+        else:  # a conv output's channels: [B, C, H*W], the rows contiguous
+            x = torch.randn(4, 48, 300, generator=g)
         return (x.to(dtype),)
+    if op == "accumulate_stats":
+        x = torch.randn(300, 256, generator=g).to(getattr(torch, spec["dtype"]))
+        states = [ops.batch_stats_torch(x[:3]) for _ in range(3)]
+        return (x, *states[0], *states[1], *states[2])
     if op == "merge_stats":
-        state = getattr(torch, spec["state"])
         n = 1000
         counts = torch.zeros(3, n, dtype=torch.int64)
-        moments = torch.zeros(3, n, dtype=state)
+        moments = torch.zeros(3, n, dtype=torch.float64)
         batch_counts = torch.ones(3, n, dtype=torch.int64)
-        batch_moments = torch.randn(3, n, generator=g).to(state)
+        batch_moments = torch.randn(3, n, generator=g, dtype=torch.float64)
         return counts, moments, batch_counts, batch_moments
     if op == "temporal_update":
         dtype, state = getattr(torch, spec["dtype"]), getattr(torch, spec["state"])
         values = [torch.randn(s, generator=g).to(dtype) for s in ((7, 5), (0,), (1000,), (3, 2, 3))]
         # The op's arguments after `values` are the state tensors that ops.new_state makes, in
-        # its order, one list each: (counts, moments) or (tally, skipped, moments).
+        # its order, one list each: (counts, moments) or (tally, skipped, moments, master).
         states = [ops.new_state(v, state) for v in values]
         return (values, *(list(col) for col in zip(*states)))
     raise KeyError(op)

@@ -47,7 +47,8 @@ def features_last(module: nn.Module) -> RowsFn:
     """Neurons in the last dim of the output: a view.
 
     A rows function may carry `dim_of(t)`, the one dim of t that holds the neurons (None when
-    t has none): the layer then runs the C++ observe op (ops/observe.py)."""
+    t has none): the layer's output is then read in place as [B, N, S] (ops.neuron_view), and
+    in eager mode by the C++ Observer (csrc/observe.cpp)."""
     return _last_rows
 
 

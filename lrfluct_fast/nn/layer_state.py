@@ -16,7 +16,7 @@ from torch import nn
 from .. import _backend, fsdp, ops
 from ..layers import LayerKind, parameter_value
 
-TEMPORAL_PARTS = ("tally", "skipped", "moments")  # buffer names of a temporal state (ops.new_state)
+TEMPORAL_PARTS = ("tally", "skipped", "moments", "master")  # buffer names of a temporal state (ops.new_state)
 
 
 def _functorch_active() -> bool:
@@ -108,12 +108,12 @@ class LayerState:
         for stat in ("activation", "gradient"):
             if self.track[stat]:
                 self.buffers[f"{stat}.counts"] = torch.zeros(3, n, dtype=torch.int64, device=dev)
-                self.buffers[f"{stat}.moments"] = torch.zeros(3, n, dtype=self.dtype, device=dev)
+                self.buffers[f"{stat}.moments"] = torch.zeros(3, n, dtype=ops.STATS_DTYPE, device=dev)
         # dL/dz of this step, unscaled, until Monitor.step knows whether the scaler kept the step
         self.staged = None
         if grad_scale is not None and gradients:
             self.staged = (torch.zeros(3, n, dtype=torch.int64, device=dev),
-                           torch.zeros(3, n, dtype=self.dtype, device=dev))
+                           torch.zeros(3, n, dtype=ops.STATS_DTYPE, device=dev))
         self.weight_id = id(weight)
         self.weight_shared_with: str | None = None  # the layer that records a tied weight
         # FSDP2: the weight and bias temporal state covers this rank's shard only (fsdp.py)
@@ -127,16 +127,20 @@ class LayerState:
         if self.track["bias"]:
             self._add_temporal("bias", self.local_value("bias", bias))
         self.bias_shape = None if bias is None else tuple(bias.shape)
-        self.sampling = True  # observe this step's forwards and backwards (set by the Monitor)
-        self.live = torch.ones((), dtype=torch.bool)  # not paused, as the C++ op reads it
-        self.paused = False   # inside Monitor.paused()
-        # the C++ observe op (ops/observe.py) serves this layer: the extension is built, the
-        # neurons are one dim of the output, and no GradScaler asks for staged statistics
-        dim_of = getattr(self.rows, "dim_of", None)
-        self._op_dim_of = dim_of if (dim_of is not None and grad_scale is None
-                                     and _backend.cpp_error() is None) else None
-        self._op_state = tuple(self.buffers.get(f"{kind}.{part}") for kind in ("activation", "gradient")
-                               for part in ("counts", "moments"))
+        # the neurons are one dim of the output (`dim_of`): z is read in place as [B, N, S]
+        self._dim_of = getattr(self.rows, "dim_of", None)
+        # the C++ eager path (csrc/observe.cpp): the extension is built, the neurons are one dim
+        # of the output, and no GradScaler asks for staged statistics
+        self.observer = None
+        if (self._dim_of is not None and grad_scale is None and _backend.cpp_error() is None
+                and (self.track["activation"] or self.track["gradient"])):
+            from .. import _C
+            self.observer = _C.Observer(
+                n, dev, self.dtype == torch.float64,
+                *(self.buffers.get(f"{stat}.{part}") for stat in ("activation", "gradient")
+                  for part in ("counts", "moments")))
+        self._paused = False   # inside Monitor.paused()
+        self._sampling = True  # observe this step's forwards and backwards (set by the Monitor)
         self.unobserved = None  # why the last forward was not observed (for the no-data warning)
 
     # -- forward / backward -----------------------------------------------------------------
@@ -157,11 +161,13 @@ class LayerState:
             raise TypeError(f"layer {self.name!r}: its output must be a floating-point tensor, "
                             f"got {getattr(z, 'dtype', type(z).__name__)}")
         self.check_placement("its output", z)
-        if self._op_dim_of is not None and columns is None and z.requires_grad \
-                and not torch.compiler.is_compiling():
-            dim = self._op_dim_of(z)
+        if self.observer is not None and columns is None and not torch.compiler.is_compiling():
+            dim = self._dim_of(z)
             if dim is not None and z.shape[dim] == self.neurons:
-                return torch.ops.lrfluct.observe.default(z, dim, *self._op_state, self.live)
+                self.observer.set_layout(z.dim(), dim % z.dim())
+                observed = self.observer.observe(z)
+                if observed is not z:
+                    return observed
         pending = self._stats(z, columns) if self.track["activation"] else (None, None)
         if not z.requires_grad:
             # no backward will reach this forward (a frozen layer fed by frozen layers): count
@@ -190,11 +196,13 @@ class LayerState:
         return full
 
     def _rows(self, t: torch.Tensor, columns=None) -> torch.Tensor:
-        """t (z or dL/dz) as [R, N] (N: the neurons in `columns`); refuses an output whose
-        neurons do not match the weight's."""
-        rows = self.rows(t.detach())
+        """t (z or dL/dz) as [R, N] or [B, N, S] (N: the neurons in `columns`); refuses an
+        output whose neurons do not match the weight's."""
+        t = t.detach()
+        dim = self._dim_of(t) if self._dim_of is not None and columns is None else None
+        rows = ops.neuron_view(t, dim) if dim is not None else self.rows(t)
         width = self.neurons if columns is None else columns[1] - columns[0]
-        if rows.dim() != 2 or rows.shape[1] != width:
+        if rows.dim() not in (2, 3) or rows.shape[1] != width:
             raise ValueError(
                 f"layer {self.name!r} ({self._module_type.__name__}): its output {list(t.shape)} "
                 f"viewed by its layer kind gives {list(rows.shape)}, not [rows, {width}] "
@@ -213,7 +221,21 @@ class LayerState:
     @paused.setter
     def paused(self, value: bool) -> None:
         self._paused = bool(value)
-        self.live.fill_(not value)
+        self._sync_observer()
+
+    @property
+    def sampling(self) -> bool:
+        return self._sampling
+
+    @sampling.setter
+    def sampling(self, value: bool) -> None:
+        self._sampling = bool(value)
+        self._sync_observer()
+
+    def _sync_observer(self) -> None:
+        if self.observer is not None:
+            self.observer.observing = self._sampling and not self._paused
+            self.observer.live = not self._paused
 
     def _unobserved_reason(self, module) -> str | None:
         """None for a training observation, else why not ("" when by the user's choice)."""
@@ -232,6 +254,15 @@ class LayerState:
     def observe_backward(self, pending, grad_z: torch.Tensor, columns=None) -> None:
         """One backward through an observed forward: merge its activation stats and dL/dz's."""
         if self.paused:
+            return
+        buffers = self.buffers
+        if self.track["gradient"] and self.staged is None and columns is None:
+            # one op: dL/dz's statistics and the pending activation ones merged (two launches
+            # on a GPU)
+            into = () if pending[0] is None else (
+                *pending, buffers["activation.counts"], buffers["activation.moments"])
+            ops.accumulate_stats(self._rows(grad_z), buffers["gradient.counts"],
+                                 buffers["gradient.moments"], *into)
             return
         if pending[0] is not None:
             self.merge("activation", pending)
@@ -324,12 +355,24 @@ class LayerState:
         self.weight_shared_with = owner.name
 
     def temporal_state(self, kind: str, buffers=None) -> list[torch.Tensor]:
-        """The (tally, skipped, moments) buffers of "weight" or "bias": the live ones, or
-        those in `buffers` ({buffer key: tensor}, a copy of this layer's)."""
+        """The (tally, skipped, moments, master) buffers of "weight" or "bias": the live ones,
+        or those in `buffers` ({buffer key: tensor}, a copy of this layer's)."""
         return [(self.buffers if buffers is None else buffers)[f"{kind}.{part}"]
                 for part in TEMPORAL_PARTS]
 
     # -- state ------------------------------------------------------------------------------
+    @staticmethod
+    def upgrade_single_level(saved: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Buffers saved before the temporal state had a master (state_dict version 2), in
+        this layout: each single-level temporal state (and whole-run total of windows.py)
+        becomes an open block."""
+        out = dict(saved)
+        for kind in ("weight", "bias", "run.weight", "run.bias"):
+            if f"{kind}.tally" in saved and f"{kind}.master" not in saved:
+                parts = ops.upgrade_single_level(*(saved[f"{kind}.{p}"] for p in TEMPORAL_PARTS[:3]))
+                out.update(zip((f"{kind}.{p}" for p in TEMPORAL_PARTS), parts))
+        return out
+
     def merge(self, kind: str, stats) -> None:
         if stats[0] is not None and self.track[kind]:
             ops.merge_stats(self.buffers[f"{kind}.counts"], self.buffers[f"{kind}.moments"], *stats)

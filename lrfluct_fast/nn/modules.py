@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import copyreg
 
+import torch
 from torch import nn
 
 from .layer_state import LayerState
@@ -26,7 +27,14 @@ class Observed:
         state = self._lrfluct
         around = state.kind.around
         if around is None:
-            return state.observe(self, super().forward(*args, **kwargs))
+            out = super().forward(*args, **kwargs)
+            observer = state.observer  # the C++ path; it hands back `out` when Python decides
+            if (observer is not None and self.training and isinstance(out, torch.Tensor)
+                    and not torch.compiler.is_compiling()):
+                observed = observer.observe(out)
+                if observed is not out:
+                    return observed
+            return state.observe(self, out)
         if state.why_unobserved(self) is not None:
             return super().forward(*args, **kwargs)
         with around(self, state):  # a kind whose neurons are inside the forward (attention)

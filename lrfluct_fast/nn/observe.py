@@ -10,10 +10,11 @@ z passes through Observe:
     backward:  dL/dz -> dL/dz unchanged; the layer's state merges the pending activation
                statistics and the statistics of dL/dz (one extra read of dL/dz)
 
-In eager mode, with the C++ extension built, LayerState calls the `lrfluct::observe` op
-instead (ops/observe.py, csrc/observe.cpp): the same function with its autograd in C++, so a
-layer's fixed cost is not the interpreter's. This Python function is the path under
-torch.compile, for a column block of neurons (attention) and with a GradScaler.
+In eager mode, with the C++ extension built, the wrapper calls the layer's C++ Observer instead
+(csrc/observe.cpp): the same function with its autograd node in C++, so a layer's fixed cost is
+not the interpreter's. This Python function is the path under torch.compile, for a column
+block of neurons (attention) and with a GradScaler. Its backward is one accumulate_stats op:
+dL/dz's statistics and the pending activation ones merged in one pass (two launches on a GPU).
 
 Counting rule: every backward that reaches a forward's node counts that forward once more,
 its activations and its dL/dz together (activation.count == gradient.count). A backward run

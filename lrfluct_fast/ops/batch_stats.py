@@ -1,32 +1,39 @@
-"""batch_stats: per-column statistics of a [R, N] tensor in one pass.
+"""batch_stats: per-neuron statistics of a tensor in one pass.
 
-Returns two packed tensors so a layer's state is two buffers, not six:
-  counts  int64 [3, N]: finite count, count of finite x > 0, count of non-finite x
-  moments float [3, N]: MEAN of (x - SHIFT), M2 (sum of squared deviations) and SHIFT (the
-                        column's first finite value) of the finite values; float32, or
-                        float64 for float64 input. The column mean is SHIFT + MEAN.
-Non-finite values are excluded from the moments and counted. A column with no finite value has
-all moments 0.
+x is [R, N] (neuron j is column j) or [B, N, S] (neuron j is x[:, j, :], as a conv output
+viewed by ops.neuron_view: read in place, no copy). Returns two packed tensors, so a layer's
+state is two buffers, not six:
+  counts  int64   [3, N]: finite count, count of finite x > 0, count of non-finite x
+  moments float64 [3, N]: MEAN of (x - SHIFT), M2 (sum of squared deviations) and SHIFT (the
+                          first finite value of a row block) of the finite values.
+The neuron's mean is SHIFT + MEAN. Non-finite values are excluded from the moments and counted.
+A neuron with no finite value has all moments 0. Finite input never gives an infinite or nan
+moment when the true one fits float64 (data near float32's maximum has a variance near 1e77);
+float64 input whose M2 exceeds float64 gives M2 = inf, never 0 or nan.
 
 Order in this file: float64 reference, plain-torch implementation, Triton kernels and
 launcher, registration. Kernels: C++ in csrc/batch_stats.cpp (CPU), Triton here (CUDA).
+The Triton launcher also serves accumulate_stats (the same two kernels, merging into a state).
 
-Triton design: one read of x. A grid of (column block x row chunk) programs walks its chunk in
-tiles [BLOCK_R, BLOCK_N]. Each tile is reduced in registers in float32 (float64 for float64
-input) with the corrected two-pass formula on values shifted by the chunk's shift:
-    d = x - shift,  mu = sum(d)/n,  e = d - mu,  mean_t = mu + sum(e)/n,  M2_t = sum(e^2) - sum(e)^2/n
-and Chan-merged into the program's running (count, mean, M2), kept in float64: one merge per
-column per tile (1/BLOCK_R of the work), so no rounding accumulates across tiles. A program's
-shift is the first finite value of its chunk (taken from the first tile that has one), so the
-first chunk holding a finite value has the column's first finite value. A second, tiny kernel
-Chan-merges the chunks in row order (float64), translating each chunk's mean to that shift.
+Triton design: two launches, one read of x, no fill. The chunk kernel's grid is (neuron block
+x row chunk) programs, enough for ~4 per SM whether x is tall or wide; each walks its chunk in
+tiles [BLOCK_R, BLOCK_N] and keeps a Welford (count, mean, M2) per tile element, in float32
+(float64 for float64 input), of the values shifted by the neuron's first finite value in the
+chunk's first tile and scaled by a power of two (exact) from that tile's magnitude:
+    d = x*sc - shift*sc;  n += 1;  delta = d - mean;  mean += delta/n;  M2 += delta*(d - mean)
+No reduction runs inside the loop, so a thread holds its elements' state and no per-neuron
+temporaries (70-124 registers on sm_90, tests/triton_sm90_compile.py). After the loop the
+elements are pooled per neuron (two passes of plain sums) and written as float64 partials.
+The combine kernel pools the chunks of a block of neurons the same way (each mean translated to
+the shift of the first chunk that holds a finite value) and writes the result, or merges it
+into a running state (accumulate_stats), together with a pending batch into another state.
 """
 from __future__ import annotations
 
 import torch
 
 from . import _triton_config as tcfg
-from ._library import LIB, check, check_float_input, moments_dtype
+from ._library import LIB, STATS_DTYPE, as_rows, check, check_float_input
 from ._triton_config import tl, triton
 
 SCHEMA = "batch_stats(Tensor x) -> (Tensor counts, Tensor moments)"
@@ -34,30 +41,14 @@ SCHEMA = "batch_stats(Tensor x) -> (Tensor counts, Tensor moments)"
 
 def check_args(x: torch.Tensor) -> None:
     check_float_input("x", x)
-    check(x.dim() == 2, f"x must be a 2-D tensor [rows, neurons], got {x.dim()}-D")
-
-
-def _masked_stats(x: torch.Tensor, acc: torch.dtype):
-    """Two passes over x shifted by each column's first finite value (keeps offset data exact)."""
-    if x.shape[0] == 0:
-        n = x.shape[1]
-        return x.new_zeros((3, n), dtype=torch.int64), x.new_zeros((3, n), dtype=acc)
-    finite = torch.isfinite(x)
-    first = finite.to(torch.uint8).argmax(0, keepdim=True)
-    shift = torch.where(finite.gather(0, first), x.gather(0, first), 0).to(acc)
-    d = torch.where(finite, x.to(acc) - shift, 0)
-    count = finite.sum(0)
-    mean_d = d.sum(0) / count.clamp(min=1)
-    m2 = torch.where(finite, d - mean_d, 0).square().sum(0)
-    positive = (finite & (x > 0)).sum(0)
-    counts = torch.stack([count, positive, x.shape[0] - count])
-    return counts, torch.stack([mean_d, m2, shift[0]])
+    check(x.dim() in (2, 3),
+          f"x must be a 2-D tensor [rows, neurons] or a 3-D [batch, neurons, rest], got {x.dim()}-D")
 
 
 def batch_stats_reference(x: torch.Tensor):
     """Two-pass float64 statistics with SHIFT 0: what every backend is tested against."""
     check_args(x)
-    x = x.double()
+    x = as_rows(x).double()
     finite = torch.isfinite(x)
     count = finite.sum(0)
     mean = torch.where(finite, x, 0).sum(0) / count.clamp(min=1)
@@ -66,128 +57,224 @@ def batch_stats_reference(x: torch.Tensor):
     return counts, torch.stack([mean, m2, torch.zeros_like(mean)])
 
 
+def _pow2_scale(magnitude: torch.Tensor) -> torch.Tensor:
+    """2^-k with magnitude * 2^-k in [0.5, 1) (1 for 0): exact scaling that keeps sums finite."""
+    _, exponent = torch.frexp(magnitude)
+    return torch.ldexp(torch.ones_like(magnitude), -exponent)
+
+
 def batch_stats_torch(x: torch.Tensor):
-    """Plain-torch fallback (two passes, float32 accumulation for narrow inputs)."""
+    """Plain-torch fallback: two passes in float64 on shifted, power-of-two-scaled values."""
     check_args(x)
-    return _masked_stats(x, moments_dtype(x.dtype))
+    x = as_rows(x)
+    rows, n = x.shape
+    if rows == 0:
+        return x.new_zeros((3, n), dtype=torch.int64), x.new_zeros((3, n), dtype=STATS_DTYPE)
+    finite = torch.isfinite(x)
+    first = finite.to(torch.uint8).argmax(0, keepdim=True)
+    shift = torch.where(finite.gather(0, first), x.gather(0, first), 0).double()
+    xd = torch.where(finite, x.double(), 0)
+    sc = _pow2_scale(torch.maximum(xd.abs().amax(0, keepdim=True), shift.abs()))
+    d = torch.where(finite, xd * sc - shift * sc, 0)  # |d| < 2: no sum or square overflows
+    count = finite.sum(0)
+    mean_d = d.sum(0) / count.clamp(min=1)
+    e = torch.where(finite, d - mean_d, 0)
+    esc = _pow2_scale(e.abs().amax(0))
+    m2 = (e * esc).square().sum(0) / esc / esc / sc[0] / sc[0]
+    counts = torch.stack([count, (finite & (x > 0)).sum(0), rows - count])
+    return counts, torch.stack([mean_d / sc[0], m2, shift[0]])
 
 
 if triton is not None:
+    from .merge_stats import _merge_into
+
     @triton.jit
-    def _chan_merge(n_a, mean_a, m2_a, n_b, mean_b, m2_b):
-        """Merge (n_b, mean_b, M2_b) into (n_a, mean_a, M2_a), float64 means relative to one shift."""
-        n = n_a + n_b
-        na = n_a.to(tl.float64)
-        frac = n_b.to(tl.float64) / tl.maximum(n.to(tl.float64), 1.0)
-        delta = tl.where(n_b > 0, mean_b - mean_a, 0.0)  # an empty side changes nothing
-        return n, mean_a + delta * frac, m2_a + m2_b + delta * delta * (na * frac)
+    def _pow2_scale_tl(magnitude, ACC: tl.constexpr):
+        """2^-k with magnitude * 2^-k in [0.5, 1), at most 2^16 (a neuron whose first values are
+        tiny may grow later) and 1 for 0: exact scaling that keeps squares finite."""
+        if ACC == tl.float64:
+            bits = magnitude.to(tl.int64, bitcast=True)
+            biased = tl.minimum(tl.maximum(2045 - ((bits >> 52) & 0x7FF), 1), 1023 + 16)
+            biased = tl.where(magnitude > 0, biased, 1023)
+            return (biased << 52).to(tl.float64, bitcast=True)
+        else:
+            bits = magnitude.to(tl.int32, bitcast=True)
+            biased = tl.minimum(tl.maximum(253 - ((bits >> 23) & 0xFF), 1), 127 + 16)
+            biased = tl.where(magnitude > 0, biased, 127)
+            return (biased << 23).to(tl.float32, bitcast=True)
+
+    @triton.jit
+    def _pool(n, mean, m2, axis: tl.constexpr):
+        """(count, mean, M2) of several groups (means relative to one shift) pooled along `axis`:
+        mean = sum(n_i mean_i) / n, M2 = sum(M2_i) + sum(n_i (mean_i - mean)^2), two passes of
+        plain sums (a tree on the GPU; the interpreter runs a custom tl.reduce element by element)."""
+        nf = n.to(mean.dtype)
+        count = tl.sum(n, axis=axis)
+        pooled = tl.sum(nf * mean, axis=axis) / tl.maximum(count.to(mean.dtype), 1.0)
+        dev = tl.where(n > 0, mean - tl.expand_dims(pooled, axis), 0.0)
+        return count, pooled, tl.sum(m2, axis=axis) + tl.sum(nf * dev * dev, axis=axis)
+
+    @triton.jit
+    def _load_tile(X, t, s_tiles, S, stride_b, stride_s, stride_n, cols, col_ok,
+                   ACC: tl.constexpr, BLOCK_R: tl.constexpr):
+        """Tile t of x (rows [BLOCK_R] of one batch entry) in ACC, 0 where not finite, and its
+        finite mask."""
+        b = t // s_tiles
+        rows = (t - b * s_tiles) * BLOCK_R + tl.arange(0, BLOCK_R)
+        mask = (rows < S)[:, None] & col_ok[None, :]
+        x = tl.load(X + b * stride_b + rows[:, None] * stride_s + cols[None, :] * stride_n,
+                    mask=mask, other=0.0).to(ACC)
+        finite = mask & (tl.abs(x) < float("inf"))  # false for NaN and +-Inf
+        return tl.where(finite, x, 0.0), finite
+
+    @triton.jit
+    def _welford_tile(X, t, s_tiles, S, stride_b, stride_s, stride_n, cols, col_ok, sc, shift_sc,
+                      n, pos, mean, m2, ACC: tl.constexpr, BLOCK_R: tl.constexpr):
+        """Tile t into the per-element (count, mean, M2) of the scaled, shifted values: no
+        reduction across the tile, so no per-neuron temporaries in registers."""
+        x, finite = _load_tile(X, t, s_tiles, S, stride_b, stride_s, stride_n, cols, col_ok,
+                               ACC, BLOCK_R)
+        d = x * sc[None, :] - shift_sc[None, :]
+        n += finite.to(tl.int32)
+        delta = tl.where(finite, d - mean, 0.0)
+        mean += delta / tl.maximum(n, 1).to(ACC)
+        m2 += tl.where(finite, delta * (d - mean), 0.0)
+        pos += (finite & (x > 0)).to(tl.int32)
+        return n, pos, mean, m2
 
     @triton.jit
     def _batch_stats_chunk_kernel(
-        X,            # [R, N] input, any strides
-        PartCounts,   # [2, C, N] int64 out: finite count, finite x > 0 count of each row chunk
-        PartMoments,  # [3, C, N] float64 out: mean of (x - shift), M2, shift of each row chunk
-        R, N, CN,     # CN = C * N
-        stride_r, stride_n, tiles_per_chunk,
+        X,            # [B, N, S] input, any strides ([R, N] is B = 1, S = R)
+        PartCounts,   # [2, C, N] int64 out: finite count, finite x > 0 count of each chunk
+        PartMoments,  # [3, C, N] float64 out: mean of (x - shift), M2, shift of each chunk
+        N, S, CN,     # CN = C * N
+        stride_b, stride_n, stride_s, s_tiles, tiles, tiles_per_chunk,
         ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
+        INTERPRETED: tl.constexpr,
     ):
         chunk = tl.program_id(1).to(tl.int64)
         cols = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
         col_ok = cols < N
+        t0 = chunk * tiles_per_chunk  # int64: offsets pass 2^31 in big tensors
+        t1 = tl.minimum(t0 + tiles_per_chunk, tiles)
+        # Each neuron's shift (its first finite value in the chunk's first tile, else 0) and a
+        # power-of-two scale from that tile's magnitude: the loop then sums small numbers.
+        x, finite = _load_tile(X, t0, s_tiles, S, stride_b, stride_s, stride_n, cols, col_ok,
+                               ACC, BLOCK_R)
         tile_rows = tl.arange(0, BLOCK_R)
-        n = tl.zeros([BLOCK_N], tl.int64)
-        pos = tl.zeros([BLOCK_N], tl.int64)
-        mean = tl.zeros([BLOCK_N], tl.float64)
-        m2 = tl.zeros([BLOCK_N], tl.float64)
-        shift = tl.zeros([BLOCK_N], ACC)
-        row0 = chunk * tiles_per_chunk * BLOCK_R  # int64: offsets pass 2^31 in big tensors
-        for _ in range(0, tiles_per_chunk):
-            rows = row0 + tile_rows
-            mask = (rows < R)[:, None] & col_ok[None, :]
-            x = tl.load(X + rows[:, None] * stride_r + cols[None, :] * stride_n, mask=mask,
-                        other=0.0).to(ACC)
-            finite = mask & (tl.abs(x) < float("inf"))  # false for NaN and +-Inf
-            # Until the chunk has a finite value, the shift is the tile's first finite one.
-            first = tl.min(tl.where(finite, tile_rows[:, None], BLOCK_R), axis=0)
-            x_first = tl.sum(tl.where(tile_rows[:, None] == first[None, :], x, 0.0), axis=0)
-            shift = tl.where(n > 0, shift, x_first)
-            n_t = tl.sum(finite.to(tl.int32), axis=0)
-            inv_n = 1.0 / tl.maximum(n_t.to(ACC), 1.0)
-            d = tl.where(finite, x - shift[None, :], 0.0)
-            mu = tl.sum(d, axis=0) * inv_n
-            e = tl.where(finite, d - mu[None, :], 0.0)
-            sum_e = tl.sum(e, axis=0)
-            mean_t = mu.to(tl.float64) + (sum_e * inv_n).to(tl.float64)
-            m2_t = (tl.sum(e * e, axis=0) - sum_e * sum_e * inv_n).to(tl.float64)
-            n, mean, m2 = _chan_merge(n, mean, m2, n_t.to(tl.int64), mean_t, m2_t)
-            pos += tl.sum((finite & (x > 0)).to(tl.int32), axis=0).to(tl.int64)
-            row0 += BLOCK_R
+        first = tl.min(tl.where(finite, tile_rows[:, None], BLOCK_R), axis=0)
+        shift = tl.sum(tl.where(tile_rows[:, None] == first[None, :], x, 0.0), axis=0)
+        sc = _pow2_scale_tl(tl.maximum(tl.max(tl.abs(x), axis=0), tl.abs(shift)), ACC)
+        shift_sc = shift * sc
+        n = tl.zeros([BLOCK_R, BLOCK_N], tl.int32)  # a chunk holds < 2^31 rows (launch_batch_stats)
+        pos = tl.zeros([BLOCK_R, BLOCK_N], tl.int32)
+        mean = tl.zeros([BLOCK_R, BLOCK_N], ACC)
+        m2 = tl.zeros([BLOCK_R, BLOCK_N], ACC)
+        if INTERPRETED:  # triton 3.6's interpreter cannot take a runtime bound in range()
+            t = t0
+            while t < t1:
+                n, pos, mean, m2 = _welford_tile(X, t, s_tiles, S, stride_b, stride_s, stride_n,
+                                                 cols, col_ok, sc, shift_sc, n, pos, mean, m2,
+                                                 ACC, BLOCK_R)
+                t += 1
+        else:
+            for t in range(t0, t1):
+                n, pos, mean, m2 = _welford_tile(X, t, s_tiles, S, stride_b, stride_s, stride_n,
+                                                 cols, col_ok, sc, shift_sc, n, pos, mean, m2,
+                                                 ACC, BLOCK_R)
+        n_c, mean_c, m2_c = _pool(n, mean, m2, 0)
+        inv_sc = 1.0 / sc.to(tl.float64)
         out = chunk * N + cols
-        tl.store(PartCounts + out, n, mask=col_ok)
-        tl.store(PartCounts + CN + out, pos, mask=col_ok)
-        tl.store(PartMoments + out, mean, mask=col_ok)
-        tl.store(PartMoments + CN + out, m2, mask=col_ok)
+        tl.store(PartCounts + out, n_c.to(tl.int64), mask=col_ok)
+        tl.store(PartCounts + CN + out, tl.sum(pos, axis=0).to(tl.int64), mask=col_ok)
+        tl.store(PartMoments + out, mean_c.to(tl.float64) * inv_sc, mask=col_ok)
+        tl.store(PartMoments + CN + out, m2_c.to(tl.float64) * inv_sc * inv_sc, mask=col_ok)
         tl.store(PartMoments + CN + CN + out, shift.to(tl.float64), mask=col_ok)
 
     @triton.jit
     def _batch_stats_combine_kernel(
-        PartCounts,   # [2, C, N] int64: finite count, positive count of each row chunk
-        PartMoments,  # [3, C, N] float64: mean of (x - shift), M2, shift of each row chunk
-        Counts,       # [3, N] int64 out: COUNT, POSITIVE, NONFINITE
-        Moments,      # [3, N] float32/float64 out: MEAN, M2, SHIFT
-        R, N, C, CN,  # CN = C * N
-        BLOCK: tl.constexpr,
+        PartCounts, PartMoments,  # [2, C, N] int64 and [3, C, N] float64, from the chunk kernel
+        Counts, Moments,          # [3, N] int64 and float64: written, or merged into (MERGE)
+        PendCounts, PendMoments,  # PENDING: a batch's [3, N] statistics, merged into...
+        IntoCounts, IntoMoments,  # ...this other running state in the same program
+        rows, N, C, CN,           # CN = C * N
+        MERGE: tl.constexpr, PENDING: tl.constexpr, C_BLOCK: tl.constexpr, COLS: tl.constexpr,
     ):
-        cols = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        cols = tl.program_id(0).to(tl.int64) * COLS + tl.arange(0, COLS)
         col_ok = cols < N
-        n = tl.zeros([BLOCK], tl.int64)
-        pos = tl.zeros([BLOCK], tl.int64)
-        mean = tl.zeros([BLOCK], tl.float64)
-        m2 = tl.zeros([BLOCK], tl.float64)
-        shift = tl.zeros([BLOCK], tl.float64)
-        part = cols
-        for _ in range(0, C):  # in row order: the first chunk with a finite value sets the shift
-            n_c = tl.load(PartCounts + part, mask=col_ok, other=0)
-            pos += tl.load(PartCounts + CN + part, mask=col_ok, other=0)
-            mean_c = tl.load(PartMoments + part, mask=col_ok, other=0.0)
-            m2_c = tl.load(PartMoments + CN + part, mask=col_ok, other=0.0)
-            shift_c = tl.load(PartMoments + CN + CN + part, mask=col_ok, other=0.0)
-            shift = tl.where(n > 0, shift, shift_c)
-            n, mean, m2 = _chan_merge(n, mean, m2, n_c, (shift_c - shift) + mean_c, m2_c)
-            part += N
-        out_ty = Moments.dtype.element_ty
-        tl.store(Counts + cols, n, mask=col_ok)
-        tl.store(Counts + N + cols, pos, mask=col_ok)
-        tl.store(Counts + N + N + cols, R - n, mask=col_ok)
-        tl.store(Moments + cols, mean.to(out_ty), mask=col_ok)
-        tl.store(Moments + N + cols, m2.to(out_ty), mask=col_ok)
-        tl.store(Moments + N + N + cols, shift.to(out_ty), mask=col_ok)
+        chunks = tl.arange(0, C_BLOCK)
+        part = chunks[:, None].to(tl.int64) * N + cols[None, :]
+        ok = (chunks < C)[:, None] & col_ok[None, :]
+        n_c = tl.load(PartCounts + part, mask=ok, other=0)
+        pos = tl.sum(tl.load(PartCounts + CN + part, mask=ok, other=0), axis=0)
+        mean_c = tl.load(PartMoments + part, mask=ok, other=0.0)
+        m2_c = tl.load(PartMoments + CN + part, mask=ok, other=0.0)
+        shift_c = tl.load(PartMoments + CN + CN + part, mask=ok, other=0.0)
+        # every chunk's mean translated to the shift of the first chunk with a finite value
+        first = tl.min(tl.where(n_c > 0, chunks[:, None], C_BLOCK), axis=0)
+        shift = tl.sum(tl.where(chunks[:, None] == first[None, :], shift_c, 0.0), axis=0)
+        mean_c = tl.where(n_c > 0, (shift_c - shift[None, :]) + mean_c, 0.0)
+        n, mean, m2 = _pool(n_c, mean_c, m2_c, 0)
+        if MERGE:
+            _merge_into(Counts, Moments, N, cols, col_ok, n, pos, rows - n, mean, m2, shift)
+        else:
+            tl.store(Counts + cols, n, mask=col_ok)
+            tl.store(Counts + N + cols, pos, mask=col_ok)
+            tl.store(Counts + N + N + cols, rows - n, mask=col_ok)
+            tl.store(Moments + cols, mean, mask=col_ok)
+            tl.store(Moments + N + cols, m2, mask=col_ok)
+            tl.store(Moments + N + N + cols, shift, mask=col_ok)
+        if PENDING:
+            _merge_into(IntoCounts, IntoMoments, N, cols, col_ok,
+                        tl.load(PendCounts + cols, mask=col_ok, other=0),
+                        tl.load(PendCounts + N + cols, mask=col_ok, other=0),
+                        tl.load(PendCounts + N + N + cols, mask=col_ok, other=0),
+                        tl.load(PendMoments + cols, mask=col_ok, other=0.0),
+                        tl.load(PendMoments + N + cols, mask=col_ok, other=0.0),
+                        tl.load(PendMoments + N + N + cols, mask=col_ok, other=0.0))
+
+
+def launch_batch_stats(x: torch.Tensor, counts: torch.Tensor, moments: torch.Tensor, *,
+                       merge: bool, pending=None) -> None:
+    """The two Triton kernels on x ([R, N] or [B, N, S]): its statistics written to (counts,
+    moments), or merged into them (`merge`); `pending` = (batch counts, batch moments, into
+    counts, into moments) is merged too, in the same launch."""
+    view = x if x.dim() == 3 else x.t().unsqueeze(0)  # [B, N, S]; [R, N] as [1, N, R]
+    batch, cols, length = view.shape
+    rows = batch * length
+    if cols == 0:
+        return
+    stride_b, stride_n, stride_s = view.stride()
+    cfg = tcfg.launch_config("batch_stats", x.device, rows=rows, cols=cols, batch=batch,
+                             length=length, rows_contiguous=stride_s == 1 and length > 1)
+    chunks, block_r = cfg["chunks"], cfg["BLOCK_R"]
+    part_counts = x.new_empty((2, chunks, cols), dtype=torch.int64)
+    part_moments = x.new_empty((3, chunks, cols), dtype=torch.float64)
+    s_tiles = triton.cdiv(length, block_r)
+    check(cfg["tiles_per_chunk"] * block_r < 2**31, "batch_stats: a row chunk must hold < 2^31 rows")
+    pend = pending if pending is not None else (counts, moments, counts, moments)
+    with tcfg.device_guard(x.device):
+        if rows > 0:
+            _batch_stats_chunk_kernel[(cfg["col_blocks"], chunks)](
+                view, part_counts, part_moments, cols, length, chunks * cols,
+                stride_b, stride_n, stride_s, s_tiles, batch * s_tiles, cfg["tiles_per_chunk"],
+                ACC=tcfg.acc_type(torch.float64 if x.dtype == torch.float64 else torch.float32),
+                BLOCK_R=block_r, BLOCK_N=cfg["BLOCK_N"], INTERPRETED=tcfg.INTERPRET,
+                num_warps=cfg["num_warps"])
+        _batch_stats_combine_kernel[(triton.cdiv(cols, cfg["COLS"]),)](
+            part_counts, part_moments, counts, moments, *pend, rows, cols,
+            chunks if rows > 0 else 0, chunks * cols, MERGE=merge, PENDING=pending is not None,
+            C_BLOCK=cfg["C_BLOCK"], COLS=cfg["COLS"], num_warps=cfg["combine_warps"])
 
 
 def batch_stats_triton(x: torch.Tensor):
-    """Triton kernels (CUDA, or CPU under TRITON_INTERPRET=1); float64 input accumulates in float64."""
+    """Triton kernels (CUDA, or CPU under TRITON_INTERPRET=1): two launches, no fill."""
     check_args(x)
     tcfg.require(x.device)
-    rows, cols = x.shape
-    acc = moments_dtype(x.dtype)
-    counts = x.new_zeros((3, cols), dtype=torch.int64)
-    moments = x.new_zeros((3, cols), dtype=acc)
-    if rows == 0 or cols == 0:
-        return counts, moments
-    cfg = tcfg.launch_config("batch_stats", x.device, rows=rows, cols=cols)
-    chunks = cfg["chunks"]
-    part_counts = x.new_empty((2, chunks, cols), dtype=torch.int64)
-    part_moments = x.new_empty((3, chunks, cols), dtype=torch.float64)
-    with tcfg.device_guard(x.device):
-        _batch_stats_chunk_kernel[(cfg["col_blocks"], chunks)](
-            x, part_counts, part_moments, rows, cols, chunks * cols,
-            x.stride(0), x.stride(1), cfg["tiles_per_chunk"],
-            ACC=tcfg.acc_type(acc), BLOCK_R=cfg["BLOCK_R"], BLOCK_N=cfg["BLOCK_N"],
-            num_warps=cfg["num_warps"])
-        block = cfg["COMBINE_BLOCK"]
-        _batch_stats_combine_kernel[(triton.cdiv(cols, block),)](
-            part_counts, part_moments, counts, moments, rows, cols, chunks, chunks * cols,
-            BLOCK=block, num_warps=cfg["num_warps"])
+    n = x.shape[1]
+    counts = x.new_empty((3, n), dtype=torch.int64)
+    moments = x.new_empty((3, n), dtype=STATS_DTYPE)
+    launch_batch_stats(x, counts, moments, merge=False)
     return counts, moments
 
 
@@ -197,4 +284,4 @@ LIB.define(SCHEMA)
 @torch.library.register_fake("lrfluct::batch_stats")
 def _(x):
     n = x.shape[1]
-    return x.new_empty((3, n), dtype=torch.int64), x.new_empty((3, n), dtype=moments_dtype(x.dtype))
+    return x.new_empty((3, n), dtype=torch.int64), x.new_empty((3, n), dtype=STATS_DTYPE)

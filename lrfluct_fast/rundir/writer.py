@@ -69,11 +69,9 @@ def snapshot(states, *, per_rank: bool = True, kinds=None, spreads=None) -> dict
     return out
 
 
-def _weight_spread(st, tally: torch.Tensor, skipped: torch.Tensor, moments: torch.Tensor) -> torch.Tensor:
+def _weight_spread(st, *state: torch.Tensor) -> torch.Tensor:
     """metrics.weight_spread of the temporal variance of LayerState st, on the device ([N])."""
-    dtype = torch.float32 if tally.device.type == "mps" else torch.float64
-    n = ops.temporal_counts(tally, skipped).to(dtype)
-    var = torch.where(n > 0, moments[ops.M2].to(dtype) / n, torch.nan)
+    _, _, var = ops.temporal_stats(*state)  # nan where an element has no observation
     return st.weight_rows(var).mean(1).sqrt()
 
 
