@@ -243,3 +243,32 @@ def test_whole_run_with_tied_weights_and_neuron_mode(weight_mode):
     for r in rows:
         assert r.layers["emb"]["weight.spread"].shape == (6,)
         assert r.layers["head"]["weight.spread"].shape == (10,)
+
+
+def test_weight_windows_longer_than_a_temporal_block(monkeypatch):
+    """Blocks of 3 calls (ops.temporal_update's flush_every) under weight windows of 7 and bias
+    windows of 5: each window's row and the whole run equal float64 over exactly their steps,
+    though each window holds closed blocks in its master and an open one."""
+    from functools import partial
+    from lrfluct_fast import ops
+    monkeypatch.setattr(ops, "temporal_update", partial(ops.temporal_update, flush_every=3))
+    net, opt, mon = _make(windows={"weight": 7, "bias": 5})
+    rec = _Recorder(net)
+    _train(net, opt, mon, 6, rec)
+    master = mon.states["0"].buffers["weight.master"]
+    assert (master[ops.MASTER_COUNT] == 3).all()  # a block closed inside the open window
+    _train(net, opt, mon, 12, rec, start=7)
+    rows = mon.closed_windows()
+    assert [(r.statistic, r.first_step, r.last_step) for r in rows] == [
+        ("bias", 1, 5), ("weight", 1, 7), ("bias", 6, 10), ("weight", 8, 14), ("bias", 11, 15)]
+    summary = mon.summary()
+    for layer in LAYERS:
+        for r in rows:
+            want = _reference(rec, r.statistic, layer, range(r.first_step, r.last_step + 1))
+            key = f"{r.statistic}.spread"
+            np.testing.assert_allclose(r.layers[layer][key], want[key], rtol=1e-5,
+                                       err_msg=f"{layer} {r.statistic} {r.first_step}-{r.last_step}")
+        for statistic in ("weight", "bias"):
+            want = _reference(rec, statistic, layer, range(1, 19))
+            for key, w in want.items():
+                np.testing.assert_allclose(summary[layer][key], w, rtol=1e-5, err_msg=f"{layer} {key}")
