@@ -382,16 +382,21 @@ def test_torch_compile_matches_eager():
 # ---------------------------------------------------------------------------------------
 # 9. state_dict / load_state_dict
 # ---------------------------------------------------------------------------------------
-def test_state_dict_resume_identical():
-    data = batches("mlp", 6, seed=19)
+def _whole_and_first_half(seed):
+    """An MLP trained 6 steps straight, and one trained the first 3 of the same batches."""
+    data = batches("mlp", 6, seed=seed)
     straight = build("mlp", 8)
     mon = lf.instrument(straight)
     train(straight, [mon], data, make_opt(straight, "adam"))
-
     first = build("mlp", 8)
     mon1 = lf.instrument(first)
     opt1 = make_opt(first, "adam")
     train(first, [mon1], data[:3], opt1)
+    return data, straight, mon, first, mon1, opt1
+
+
+def test_state_dict_resume_identical():
+    data, straight, mon, first, mon1, opt1 = _whole_and_first_half(19)
     buf = io.BytesIO()
     torch.save({"monitor": mon1.state_dict(), "model": first.state_dict(),
                 "opt": opt1.state_dict()}, buf)
@@ -414,15 +419,7 @@ def test_state_dict_resume_identical():
 def test_load_state_dict_version_2():
     """A state saved before the temporal master (tally [2], no master) resumes as an open block:
     the same statistics, and the next steps go on from them."""
-    data = batches("mlp", 6, seed=23)
-    straight = build("mlp", 8)
-    mon = lf.instrument(straight)
-    train(straight, [mon], data, make_opt(straight, "adam"))
-
-    first = build("mlp", 8)
-    mon1 = lf.instrument(first)
-    opt1 = make_opt(first, "adam")
-    train(first, [mon1], data[:3], opt1)
+    data, _, mon, first, mon1, opt1 = _whole_and_first_half(23)
     sd = mon1.state_dict()
     old = {name: {k: t[:2] if k.endswith(".tally") else t for k, t in buffers.items()
                   if not k.endswith(".master")} for name, buffers in sd["layers"].items()}

@@ -272,3 +272,40 @@ def test_weight_windows_longer_than_a_temporal_block(monkeypatch):
             want = _reference(rec, statistic, layer, range(1, 19))
             for key, w in want.items():
                 np.testing.assert_allclose(summary[layer][key], w, rtol=1e-5, err_msg=f"{layer} {key}")
+
+
+def _single_level(buffers):
+    """A layer's buffers as state_dict version 2 held them: each temporal state (and whole-run
+    total) as one level, tally [CALLS, SKIPPED], moments MEAN, M2 about a SHIFT of 0."""
+    from lrfluct_fast import ops
+    out = {}
+    for key, t in buffers.items():
+        state = key.rpartition(".")[0]
+        if f"{state}.master" not in buffers:
+            out[key] = t
+        elif key.endswith(".tally"):
+            out[key] = t[:2]
+        elif key.endswith(".moments"):
+            counts, mean, var = ops.temporal_stats(*(buffers[f"{state}.{p}"]
+                                                     for p in ("tally", "skipped", "moments", "master")))
+            seen = counts > 0
+            out[key] = torch.stack([torch.where(seen, mean, 0), torch.where(seen, var * counts, 0),
+                                    torch.zeros_like(mean)]).to(t.dtype)
+        elif key.endswith(".skipped"):
+            out[key] = t
+    return out
+
+
+def test_version_2_state_with_window_totals_resumes():
+    a, b = _make(windows=WINDOWS), _make(windows=WINDOWS)
+    _train(*a, 5)
+    _train(*b, 5)
+    sd = a[2].state_dict()
+    b[2].load_state_dict({**sd, "version": 2,
+                          "layers": {name: _single_level(bufs) for name, bufs in sd["layers"].items()}})
+    _train(*a, 4, start=6)
+    _train(*b, 4, start=6)
+    for layer in LAYERS:
+        got, want = b[2].summary()[layer], a[2].summary()[layer]
+        for key in ("weight.spread", "weight.temporal_var", "bias.spread"):
+            np.testing.assert_allclose(got[key], want[key], rtol=1e-5, err_msg=f"{layer} {key}")
