@@ -8,7 +8,7 @@
 - the statements a step runs for the check alone (record the training thread, look at
   the pending request), timed on their own;
 - a step that serves a pending read (another thread waiting): the host copy of every
-  statistics buffer, for a Linear(1024, 1024) (element mode: 16 bytes per weight).
+  statistics buffer, for a Linear(1024, 1024) (element mode: 40 bytes per weight).
 Prints a markdown table; every number is measured in this run.
 """
 from __future__ import annotations
