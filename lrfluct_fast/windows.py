@@ -40,6 +40,7 @@ ROW_KEYS = {"activation": ("activation.count", "activation.mean", "activation.va
             "weight": ("weight.spread",), "bias": ("bias.spread",)}
 KEPT_ROWS = 1000  # closed windows the Monitor holds until closed_windows() reads them
 RUN = "run."      # prefix of a whole-run total's buffer key
+MASTER_ROWS = (ops.MASTER_COUNT, ops.MASTER_MEAN, ops.MASTER_M2)  # chan.merge's argument order
 
 
 @dataclass
@@ -60,25 +61,29 @@ def _merge_into(total: dict[str, torch.Tensor], window: dict[str, torch.Tensor],
     if statistic in ("activation", "gradient"):
         ops.merge_stats(total["counts"], total["moments"], window["counts"], window["moments"])
         return
-    # two-level temporal states (ops.temporal_update): each one's master and block merged
-    # (ops.temporal_stats), the two merged into the total's master; its block is left empty
-    merged = chan.merge(*_count_mean_m2(total), *_count_mean_m2(window))
+    # two-level temporal states (ops.temporal_update). The total's block stays empty: its
+    # float64 master holds the run; the window's master (its closed blocks) and open block
+    # are Chan-merged into it, each element's block holding its count less the master's.
+    closed, block = window["master"], window["moments"].double()
+    n = ops.temporal_counts(window["tally"], window["skipped"]).double()
     master = total["master"]
-    for row, value in zip((ops.MASTER_COUNT, ops.MASTER_MEAN, ops.MASTER_M2), merged):
+    merged = chan.merge(*(master[row] for row in MASTER_ROWS), *(closed[row] for row in MASTER_ROWS))
+    merged = chan.merge(*merged, n - closed[ops.MASTER_COUNT], block[ops.SHIFT] + block[ops.MEAN],
+                        block[ops.M2])
+    for row, value in zip(MASTER_ROWS, merged):
         master[row] = value
-    total["moments"].zero_()
     total["skipped"] += window["skipped"]
     tally = total["tally"]
     tally += window["tally"]
-    tally[ops.FLUSHED] = tally[ops.CALLS]  # an empty block: readers take the master alone
+    tally[ops.FLUSHED] = tally[ops.CALLS]  # the block is empty
 
 
-def _count_mean_m2(state: dict[str, torch.Tensor]):
-    """float64 (count, mean, M2) per element of a temporal state, 0 where it has no value."""
-    counts, mean, var = ops.temporal_stats(*(state[p] for p in TEMPORAL_PARTS))
-    n = counts.double()
-    seen = counts > 0
-    return n, torch.where(seen, mean, 0), torch.where(seen, var * n, 0)
+def as_total(state: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    """A temporal state (ops.new_state's four parts) in the layout of a whole-run total: the
+    same statistics, all in the master, the block empty."""
+    total = {p: torch.zeros_like(t) for p, t in zip(TEMPORAL_PARTS, state)}
+    _merge_into(total, dict(zip(TEMPORAL_PARTS, state)), "weight")
+    return tuple(total[p] for p in TEMPORAL_PARTS)
 
 
 def whole_run(buffers: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

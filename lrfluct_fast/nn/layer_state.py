@@ -364,12 +364,15 @@ class LayerState:
     @staticmethod
     def upgrade_single_level(saved: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Buffers saved before the temporal state had a master (state_dict version 2), in
-        this layout: each single-level temporal state (and whole-run total of windows.py)
-        becomes an open block."""
+        this layout: each single-level temporal state becomes an open block (a whole-run total
+        of windows.py: its master)."""
+        from .. import windows
         out = dict(saved)
         for kind in ("weight", "bias", "run.weight", "run.bias"):
             if f"{kind}.tally" in saved and f"{kind}.master" not in saved:
                 parts = ops.upgrade_single_level(*(saved[f"{kind}.{p}"] for p in TEMPORAL_PARTS[:3]))
+                if kind.startswith(windows.RUN):
+                    parts = windows.as_total(parts)
                 out.update(zip((f"{kind}.{p}" for p in TEMPORAL_PARTS), parts))
         return out
 
