@@ -22,11 +22,11 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import lrfluct_fast as lf
 
 from models import batches, build
+from spawn_ranks import spawn
 
 STEPS, BATCH = 5, 8
 TEMPORAL_KEYS = ("weight.spread", "bias.spread")
@@ -125,20 +125,7 @@ def _worker(rank, world, tmp):
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):
     tmp = str(tmp_path_factory.mktemp("dist"))
-    ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=_worker, args=(r, 2, tmp)) for r in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(240)
-    for p in procs:
-        if p.is_alive():
-            p.kill()
-    for r in range(2):
-        err = os.path.join(tmp, f"error{r}.txt")
-        if os.path.exists(err):
-            pytest.fail(f"rank {r} failed:\n{open(err).read()}")
-    return tmp, [p.exitcode for p in procs]
+    return tmp, spawn(_worker, 2, tmp)
 
 
 def _single_process():

@@ -34,12 +34,13 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 import lrfluct_fast as lf
+
+from spawn_ranks import spawn
 
 STEPS, MICRO, ROWS, SEQ, VOCAB, D, HIDDEN = 3, 2, 3, 2, 11, 6, 7
 LR = 0.05
@@ -256,20 +257,7 @@ def _worker(rank, world, tmp):
 
 
 def _spawn(tmp, world):
-    ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=_worker, args=(r, world, tmp)) for r in range(world)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(240)
-    for p in procs:
-        if p.is_alive():
-            p.kill()
-    for r in range(world):
-        err = os.path.join(tmp, f"error{r}.txt")
-        if os.path.exists(err):
-            pytest.fail(f"rank {r} of {world} failed:\n{open(err).read()}")
-    assert [p.exitcode for p in procs] == [0] * world
+    assert spawn(_worker, world, tmp) == [0] * world
     return tmp
 
 
