@@ -22,21 +22,13 @@ import torch
 from torch import nn
 
 import lrfluct_fast as lf
-
-
-def _per_call(fn, calls):
-    for _ in range(calls // 10):
-        fn()
-    t = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    return (time.perf_counter() - t) / calls
+from host_cost import per_call
 
 
 def step_alone(repeats=9, calls=5000):
     torch.manual_seed(0)
     mon = lf.instrument(nn.Sequential(*[nn.Linear(16, 16) for _ in range(8)]))
-    return statistics.median(_per_call(mon.step, calls) for _ in range(repeats)), mon
+    return statistics.median(per_call(mon.step, calls) for _ in range(repeats)), mon
 
 
 def check_alone(mon, repeats=9, number=200000):
@@ -55,7 +47,7 @@ def serving_step(repeats=5):
     mon = lf.instrument(nn.Linear(1024, 1024))
     plain, served = [], []
     while len(served) < repeats:
-        plain.append(_per_call(mon.step, 20))
+        plain.append(per_call(mon.step, 20))
         done, serving = threading.Event(), []
 
         def train():  # steps while a reader asks; a step that finds the request serves it
