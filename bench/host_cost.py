@@ -31,6 +31,16 @@ from torch import nn
 import lrfluct_fast as lf
 
 
+def per_call(fn, calls):
+    """Seconds per call of fn() over `calls` calls, after calls / 10 to warm up."""
+    for _ in range(calls // 10):
+        fn()
+    t = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    return (time.perf_counter() - t) / calls
+
+
 def _step_time(model, mon, x, steps):
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
 
@@ -40,12 +50,7 @@ def _step_time(model, mon, x, steps):
         opt.step()
         if mon is not None:
             mon.step()
-    for _ in range(steps // 10):
-        step()
-    t = time.perf_counter()
-    for _ in range(steps):
-        step()
-    return (time.perf_counter() - t) / steps
+    return per_call(step, steps)
 
 
 def fixed_cost_per_layer(layers=8, repeats=7, steps=1000):

@@ -1,10 +1,10 @@
 """distributed: statistics of every rank's batches, merged when a summary is read or logged.
 
 Owns the cross-rank merge of activation and gradient statistics under an initialized
-torch.distributed process group, and the check that refuses sharded models. It never runs
-in the training step: the ranks exchange their packed statistics only when a summary is
-taken (Monitor.summary / metrics / flush / close) or logged (every log_every or
-summary_every steps), in one all_gather of one int64 tensor per exchange. The exchanged
+torch.distributed process group. It never runs in the training step: the ranks exchange their
+packed statistics only when a summary is taken (Monitor.summary / metrics / flush / close) or
+logged (every log_every or summary_every steps), in one all_gather of one int64 tensor per
+exchange (and one all_reduce of the sharded layers' spreads under FSDP2). The exchanged
 (counts, moments) are merged with Chan's formula (ops.merge_stats), so the result equals
 the statistics of one process that saw the union of every rank's batches. It must not
 touch the LayerStates' buffers (it reads copies) nor the model.
@@ -22,23 +22,22 @@ What users rely on:
   the global batch (DDP averages the parameter gradients, not the losses). To compare with
   a single-process run, use loss = (sum over local rows) / global batch size and sum the
   gradients (a DDP comm hook), as tests/test_distributed.py does.
-- FSDP (FullyShardedDataParallel, fully_shard) and DTensor parameters are refused: a rank
-  holds a shard of each weight, so neither the fused layers nor the weight statistics see a
-  whole neuron. A model instrumented first and sharded afterwards is not detected.
+- FSDP2 (fully_shard): activations and gradients as above (each rank's unsharded forward and
+  backward); weight and bias statistics are each rank's own shard's, their per-neuron spreads
+  summed across ranks when a summary is taken or logged (fsdp.py, one all_reduce more).
+  FSDP1 and other DTensor placements are refused (fsdp.check_model).
 Packed moments travel as float64 (bit-cast into the int64 tensor), which needs a device
 with float64 (CPU, CUDA).
 """
 from __future__ import annotations
 
 import os
-import sys
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch import nn
 
-from . import ops
+from . import fsdp, ops
 
 # Statistics that differ between ranks (each rank sees its own batches).
 PER_RANK = ("activation", "gradient")
@@ -56,23 +55,6 @@ def world_size() -> int:
     if dist.is_available() and dist.is_initialized():
         return dist.get_world_size()
     return 1
-
-
-def check_not_sharded(model: nn.Module) -> None:
-    """Raise ValueError when `model` holds FSDP-wrapped modules or DTensor parameters."""
-    for name, m in model.named_modules():
-        if any(c.__module__.startswith("torch.distributed.fsdp") for c in type(m).__mro__):
-            where = f"module {name!r}" if name else "the model"
-            raise ValueError(f"{where} is sharded by FSDP ({type(m).__name__}): lrfluct_fast "
-                             f"needs whole weights on every rank (FSDP and fully_shard are not "
-                             f"supported; DDP is)")
-    dtensor = getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", None)
-    if dtensor is None:  # nothing can be a DTensor unless its module was imported
-        return
-    for name, p in model.named_parameters():
-        if isinstance(p, dtensor):
-            raise ValueError(f"parameter {name!r} is a DTensor (sharded or tensor-parallel): "
-                             f"lrfluct_fast needs whole weights on every rank")
 
 
 def pack(states) -> tuple[torch.Tensor, list[tuple[str, str, int]]]:
@@ -122,11 +104,20 @@ def merge_ranks(gathered: torch.Tensor, layout) -> dict[str, dict[str, np.ndarra
     return out
 
 
-def host_buffers(states) -> dict[str, dict[str, np.ndarray]]:
-    """{layer: {buffer key: numpy array}}, per-rank statistics merged over every rank."""
-    host = {name: {k: t.cpu().numpy() for k, t in st.buffers.items()} for name, st in states}
+def host_buffers(buffers: dict[str, dict[str, torch.Tensor]], states) -> dict[str, dict[str, np.ndarray]]:
+    """{layer: {buffer key: numpy array}} of a summary, from `buffers` ({layer: {buffer key:
+    tensor}} of one moment, windows' whole-run totals merged in: windows.whole_run): the
+    per-rank statistics merged over every rank (a collective under a process group), the
+    weight and bias temporal state of an FSDP-sharded layer replaced by the whole layer's
+    "weight.spread" / "bias.spread" (fsdp.gathered_spreads, a collective when any is sharded).
+    Under a process group `buffers` must be the live statistics' (read in the training thread)."""
+    host = {name: {k: t.cpu().numpy() for k, t in buffers[name].items()
+                   if k.partition(".")[0] not in fsdp.sharded_roles(st)}
+            for name, st in states}
     flat, layout = pack(states) if world_size() > 1 else (None, [])
     if layout:
         for name, merged in merge_ranks(all_gather(flat).cpu(), layout).items():
             host[name].update(merged)
+    for name, spreads in fsdp.gathered_spreads(states, buffers).items():
+        host[name].update({k: t.cpu().numpy() for k, t in spreads.items()})
     return host

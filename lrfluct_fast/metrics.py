@@ -176,8 +176,8 @@ def layer_summary(buffers: Mapping[str, np.ndarray], *, track: Mapping[str, bool
 
     `buffers` holds the LayerState buffers as numpy arrays ("activation.counts",
     "activation.moments", ..., "weight.tally", "weight.skipped", "weight.moments", "weight.master");
-    "weight.spread"
-    may stand in for the weight's temporal state, already reduced per neuron, and then "weight.temporal_var" is absent.
+    "weight.spread" may stand in for the weight's temporal state, already reduced per neuron, and
+    then "weight.temporal_var" is absent; "bias.spread" likewise for the bias's.
     `weight_rows` maps a weight-shaped array to [N, fan_in], neuron j's incoming weights in
     row j (default: neurons are the first dim); "weight.temporal_var" keeps the weight's shape.
     """
@@ -195,6 +195,7 @@ def layer_summary(buffers: Mapping[str, np.ndarray], *, track: Mapping[str, bool
         else:
             s["weight.spread"] = np.sqrt(temporal_var(*_temporal(b, "weight"))).reshape(-1)
     if track["bias"]:
-        s["bias.spread"] = np.sqrt(temporal_var(*_temporal(b, "bias"))).reshape(-1)
+        s["bias.spread"] = (_f64(b["bias.spread"]) if "bias.spread" in b
+                            else np.sqrt(temporal_var(*_temporal(b, "bias"))).reshape(-1))
     s["steps"] = np.array(steps, dtype=np.int64)
     return s

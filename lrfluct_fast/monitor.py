@@ -6,7 +6,7 @@ back (remove); it never changes parameters, gradients or the optimizer. The trai
 path (forward, backward, step()) never synchronises with the host: summaries copy to the
 host only when asked for.
 
-Options (keyword arguments of `instrument`):
+Options (keyword arguments of `instrument`; options.py checks each one's type and range):
   activations, gradients, weights, biases   what to track (all True)
   every        observe one step in `every` (1): forwards/backwards of that step and the
                weights after it; the others run the plain torch path
@@ -29,17 +29,31 @@ Options (keyword arguments of `instrument`):
                flush() / close()
   tensorboard  also write TensorBoard scalars and histograms (False; needs tensorboard)
   log_errors   a failed write: "warn" (training goes on) or "raise" (the next step raises)
+  windows      {statistic: steps}: each of "activation", "gradient", "weight", "bias" named
+               gets its own window of that many steps (1: every step), closed by step()
+               into a row of per-neuron summaries (mon.closed_windows(), and the run
+               directory with log_dir); statistics not named have one window, the whole
+               run. summary() stays the whole run either way (windows.py). None: no windows.
   grad_scaler  the torch.amp.GradScaler of the training loop (None): dL/dz is recorded
                divided by its scale, and the gradient statistics of a step the scaler skips
                (inf/nan gradients) are dropped. Call mon.step() after scaler.update().
 
+Threads: summary(), metrics() and state_dict() may be called from any thread and return
+the statistics of one moment (reads.py: another thread's read is served at the training
+thread's next step(), which otherwise pays one attribute check); so may closed_windows().
+The other methods (step, reset, paused, close_windows, flush, close, load_state_dict,
+remove) belong to the training thread.
+
 Under an initialized torch.distributed process group, summary(), metrics() and logging merge
 every rank's activation and gradient statistics (distributed.py): they are collectives, to be
-called on every rank. FSDP is refused.
+called on every rank. A model sharded by FSDP2 (fully_shard) is monitored when instrumented
+after sharding: each rank keeps the weight statistics of its own shard (fsdp.py); state_dict()
+is then per rank.
 """
 from __future__ import annotations
 
 import contextlib
+import threading
 import warnings
 from typing import Any
 
@@ -48,18 +62,18 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from . import distributed, metrics, ops, rundir
+from . import distributed, fsdp, metrics, ops, rundir, windows
+from . import options as options_
 from .layers import kind_of, parameter_kind, parameter_value
 from .nn import GradScale, LayerState, unwrap, wrap
+from .reads import ConsistentReads
+
+_thread_id = threading.get_ident
+READ_TIMEOUT_S = 60.0  # how long a read from another thread waits for a step boundary
 
 # Layout of state_dict(); 2: weight and bias temporal state as (tally, skipped, moments);
 # 3: (tally, skipped, moments, master), a float64 master under a float32 block (version 2 is read).
 STATE_VERSION = 3
-
-_OPTION_DEFAULTS = dict(activations=True, gradients=True, weights=True, biases=True, every=1,
-                        weight_mode="element", dead_threshold=0.01, energy="weight",
-                        log_dir=None, log_every=100, summary_every=1000, tensorboard=False,
-                        log_errors="warn", grad_scaler=None)
 
 
 class Monitor:
@@ -80,6 +94,9 @@ class Monitor:
         self._sampling = True
         self._removed = False
         self._run: rundir.RunLog | None = None  # the run directory, with instrument(log_dir=...)
+        self._reads = ConsistentReads()  # summary() and state_dict() from other threads
+        # windows per statistic (windows.py): adds the whole-run totals to the states' buffers
+        self._windows = windows.Windows(options["windows"], states) if options["windows"] else None
 
     def _states(self):
         return list(self.states.items())
@@ -104,6 +121,12 @@ class Monitor:
                 st.sampling = observe_next
         if self._run is not None:
             self._run.after_step(self)
+        if self._windows is not None:
+            self._windows.after_step(self.steps, self._run.put_window if self._run is not None else None)
+        reads = self._reads
+        reads.training_thread = _thread_id()
+        if reads.pending is not None:  # another thread waits for a step boundary to read at
+            reads.serve(lambda: self._statistics(copy=True))
 
     def _new_plan(self) -> "_StepPlan":
         """Check every recorded parameter (placement, shape) and list what step() hands the
@@ -114,10 +137,10 @@ class Monitor:
             for role in ("weight", "bias"):
                 if not st.track[role] or (role == "weight" and st.weight_shared_with is not None):
                     continue
-                value = parameter_value(m, st.params[role])
-                st.check_placement(f"its {role}", value,
-                                   st.weight_shape if role == "weight" else st.bias_shape)
-                direct = isinstance(value, nn.Parameter) and (role == "bias" or st.weight_mode == "element")
+                value = st.local_value(role, parameter_value(m, st.params[role]))
+                st.check_placement(f"its {role}", value, st.recorded_shape(role))
+                direct = (isinstance(value, nn.Parameter) and role not in st.shards
+                          and (role == "bias" or st.weight_mode == "element"))
                 if direct:  # the parameter itself, read in place: nothing to compute per step
                     plan.read_in_place(m, st.params[role], value, st.temporal_state(role))
                 else:       # parametrized, or the per-neuron RMS: computed each step
@@ -151,7 +174,8 @@ class Monitor:
                 st.paused = was
 
     def reset(self) -> None:
-        """Start a new window: forget every statistic and the step count."""
+        """Start anew: forget every statistic (whole-run totals and open windows) and the
+        step count. Closed windows not read yet stay readable (closed_windows())."""
         self._check_live()
         self.steps = 0
         self._warned.clear()
@@ -159,17 +183,48 @@ class Monitor:
         for _, st in self._states():
             st.reset()
             st.sampling = True
+        if self._windows is not None:
+            self._windows.restart(0)
 
     # -- results --------------------------------------------------------------------------
-    def summary(self) -> dict[str, dict[str, np.ndarray]]:
-        """{layer: {key: numpy array}} with the keys of DESIGN section 2."""
+    def summary(self, *, timeout: float | None = READ_TIMEOUT_S) -> dict[str, dict[str, np.ndarray]]:
+        """{layer: {key: numpy array}} with the keys of DESIGN section 2 (on every rank, merged;
+        without weight.temporal_var for FSDP-sharded layers).
+
+        From any thread, the statistics of one moment: read directly in the training thread,
+        else at its next step boundary (reads.py); `timeout` (seconds, None: no limit) bounds
+        the wait while the statistics keep changing without one."""
         self._check_live()
-        host = distributed.host_buffers(self._states())  # every rank's batches, merged
+        buffers, steps = self._read("summary()", timeout)
+        host = distributed.host_buffers({name: windows.whole_run(bufs) for name, bufs in buffers.items()},
+                                        self._states())  # every rank's batches, gathered spreads
         out = {name: metrics.layer_summary(host[name], track=st.track, weight_mode=st.weight_mode,
-                                           steps=self.steps, weight_rows=_numpy(st.weight_rows))
+                                           steps=steps, weight_rows=_numpy(st.weight_rows))
                for name, st in self._states()}
         self._warn_unobserved(out)
         return out
+
+    def _read(self, what: str, timeout) -> tuple[dict[str, dict[str, torch.Tensor]], int]:
+        """({layer: {buffer key: tensor}}, steps) of one moment (see summary())."""
+        if timeout is not None:
+            options_.check_seconds("timeout", timeout)
+        if distributed.world_size() > 1 and not self._reads.in_training_thread():
+            raise RuntimeError(f"{what} under a process group is a collective: call it from "
+                               f"the training thread, on every rank")
+        return self._reads.read(lambda: self._statistics(copy=not self._reads.in_training_thread()),
+                                self._counts_fingerprint, torch.equal, timeout, what)
+
+    def _statistics(self, copy: bool):
+        """The statistics buffers and the step count: the live tensors, or host copies."""
+        take = (lambda t: t.to("cpu", copy=True)) if copy else (lambda t: t)
+        return ({name: {k: take(t) for k, t in st.buffers.items()} for name, st in self._states()},
+                self.steps)
+
+    def _counts_fingerprint(self) -> torch.Tensor:
+        """Every count and tally in one host tensor: any write to the statistics changes it."""
+        parts = [t.reshape(-1) for _, st in self._states() for k, t in st.buffers.items()
+                 if k.endswith((".counts", ".tally"))]
+        return torch.cat([p.to("cpu") for p in parts]) if parts else torch.zeros(0)
 
     def _warn_unobserved(self, summaries) -> None:
         """One warning naming each layer (once) with no activation or gradient observation."""
@@ -187,14 +242,39 @@ class Monitor:
                           f"their statistics and the metrics derived from them are nan",
                           RuntimeWarning, stacklevel=3)
 
-    def metrics(self) -> dict[str, dict[str, float]]:
-        """{layer: {metric: float}}: spread_of_spread, spread_cv, participation_ratio, ..."""
+    def closed_windows(self, statistic: str | None = None) -> list[windows.Window]:
+        """The windows closed since the last call (instrument's `windows` option), oldest
+        first, each a windows.Window (statistic, first_step, last_step, layers: {layer:
+        {key: [N] per-neuron array}}); of one statistic ("activation", "gradient", "weight",
+        "bias") or all. Returned rows are forgotten; at most windows.KEPT_ROWS unread rows
+        are kept (with log_dir every row is also in the run directory: lf.load_run)."""
+        self._check_live()
+        if statistic is not None:
+            options_.check_choice("statistic", statistic, windows.STATISTICS)
+        return self._windows.take_rows(statistic) if self._windows is not None else []
+
+    def close_windows(self, *statistics: str) -> None:
+        """Close the open windows of `statistics` (default: every windowed statistic) now,
+        after the last step(), when they hold a step (an epoch's end). The next window of
+        each ends at the next multiple of its length. Training thread only."""
+        self._check_live()
+        if self._windows is None:
+            raise ValueError("close_windows() needs windows: instrument(model, windows={...})")
+        for statistic in statistics:
+            options_.check_choice("statistic", statistic, tuple(self._windows.every))
+        self._windows.close_now(self.steps, self._run.put_window if self._run is not None else None,
+                                statistics)
+
+    def metrics(self, *, timeout: float | None = READ_TIMEOUT_S) -> dict[str, dict[str, float]]:
+        """{layer: {metric: float}}: spread_of_spread, spread_cv, participation_ratio, ...
+        of one summary() (from any thread, as summary())."""
         return {name: metrics.layer_metrics(s, dead_threshold=self.options["dead_threshold"],
                                             energy=self.options["energy"])
-                for name, s in self.summary().items()}
+                for name, s in self.summary(timeout=timeout).items()}
 
     def memory_bytes(self) -> int:
         """Bytes of statistics state the monitor holds (flat over steps)."""
+        self._check_live()
         unique = {id(t): t for _, st in self._states() for t in st.buffers.values()}  # tied: once
         return sum(t.numel() * t.element_size() for t in unique.values())
 
@@ -214,9 +294,17 @@ class Monitor:
 
     # -- persistence ----------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        sd = {"version": STATE_VERSION, "steps": self.steps, "options": dict(self.options),
-              "layers": {name: {k: t.clone() for k, t in st.buffers.items()}
-                         for name, st in self._states()}}
+        """The statistics, step count and options, for load_state_dict (a checkpoint); under
+        FSDP2, this rank's shards ("sharding": loaded on the same rank only)."""
+        self._check_live()
+        buffers, steps = self._read("state_dict()", READ_TIMEOUT_S)
+        devices = {name: {k: t.device for k, t in st.buffers.items()} for name, st in self._states()}
+        sd = {"version": STATE_VERSION, "steps": steps, "options": dict(self.options),
+              "layers": {name: {k: t.to(devices[name][k], copy=True) for k, t in bufs.items()}
+                         for name, bufs in buffers.items()}}
+        sharding = fsdp.sharding_info(self._states())
+        if sharding is not None:
+            sd["sharding"] = sharding
         if self._run is not None:
             sd["run"] = self._run.state_dict()  # waits until the files hold every logged step
         return sd
@@ -224,23 +312,23 @@ class Monitor:
     def load_state_dict(self, sd: dict[str, Any]) -> None:
         """Restore statistics saved by state_dict() into a Monitor of the same model and options."""
         self._check_live()
-        if sd.get("version") not in (2, STATE_VERSION):
-            raise ValueError(f"unsupported monitor state version {sd.get('version')!r} "
-                             f"(this version reads 2 and {STATE_VERSION})")
+        _check_state_dict(sd)
         if sd["version"] == 2:
             sd = {**sd, "layers": {name: LayerState.upgrade_single_level(saved)
                                    for name, saved in sd["layers"].items()}}
-        saved_opts, opts = ({k: v for k, v in o.items() if k not in rundir.LOG_OPTIONS}
-                            for o in (sd["options"], self.options))
+        saved_opts, opts = ({k: v for k, v in {**options_.DEFAULTS, **o}.items()
+                             if k not in rundir.LOG_OPTIONS}
+                            for o in (sd["options"], self.options))  # DEFAULTS: options added later
         if saved_opts != opts:
             raise ValueError(f"monitor options differ: saved {saved_opts}, now {opts}")
+        fsdp.check_resume(sd.get("sharding"), fsdp.sharding_info(self._states()))
         if set(sd["layers"]) != set(self.layers):
             raise ValueError(f"monitored layers differ: saved {sorted(sd['layers'])}, "
                              f"now {sorted(self.layers)}")
         for name, st in self._states():
             saved = sd["layers"][name]
             for key, t in st.buffers.items():
-                if key not in saved or saved[key].shape != t.shape:
+                if not isinstance(saved.get(key), torch.Tensor) or saved[key].shape != t.shape:
                     raise ValueError(f"state of layer {name!r}: {key} missing or of another shape")
         if self._run is not None:
             self._run.load_state_dict(sd.get("run"), int(sd["steps"]))
@@ -251,6 +339,8 @@ class Monitor:
                 for t in st.staged:
                     t.zero_()
         self.steps = int(sd["steps"])
+        if self._windows is not None:
+            self._windows.restart(self.steps)
         self._sampling = self.steps % self.options["every"] == 0
         for _, st in self._states():
             st.sampling = self._sampling
@@ -296,6 +386,28 @@ class Monitor:
                 f"steps={self.steps}, backend={_backend_name(self.layers)})")
 
 
+def _check_state_dict(sd) -> None:
+    """Refuse what is not a Monitor.state_dict(), naming what is wrong."""
+    if not isinstance(sd, dict):
+        raise TypeError(f"load_state_dict expects the dict of Monitor.state_dict(), "
+                        f"got {options_.describe(sd)}")
+    if sd.get("version") not in (2, STATE_VERSION):
+        raise ValueError(f"unsupported monitor state version {sd.get('version')!r} "
+                         f"(this version reads 2 and {STATE_VERSION})")
+    for key, kind, what in (("steps", int, "an integer"), ("options", dict, "a dict"),
+                            ("layers", dict, "a dict")):
+        if not isinstance(sd.get(key), kind) or isinstance(sd.get(key), bool):
+            raise ValueError(f"monitor state: {key!r} must be {what}, "
+                             f"got {options_.describe(sd.get(key))}")
+    if sd["steps"] < 0:
+        raise ValueError(f"monitor state: 'steps' must be >= 0, got {sd['steps']}")
+    bad = [name for name, saved in sd["layers"].items() if not isinstance(saved, dict)]
+    if bad:
+        raise ValueError(f"monitor state: layers {bad} do not map buffer names to tensors")
+    if sd.get("run") is not None and not isinstance(sd["run"], dict):
+        raise ValueError(f"monitor state: 'run' must be a dict or None, got {options_.describe(sd['run'])}")
+
+
 class _StepPlan:
     """What Monitor.step hands the temporal update: the parameters it reads in place (their
     detached aliases, made once) and those it computes each step (parametrized weights and
@@ -332,9 +444,8 @@ class _StepPlan:
 
 def _computed_value(module: nn.Module, state: LayerState, role: str) -> torch.Tensor:
     """This step's observation of a weight or bias step() cannot read in place, checked first."""
-    value = parameter_value(module, state.params[role])
-    state.check_placement(f"its {role}", value,
-                          state.weight_shape if role == "weight" else state.bias_shape)
+    value = state.local_value(role, parameter_value(module, state.params[role]))
+    state.check_placement(f"its {role}", value, state.recorded_shape(role))
     return state.weight_observation(value) if role == "weight" else value.detach()
 
 
@@ -368,24 +479,12 @@ def instrument(model: nn.Module, **options) -> Monitor:
     their last dim); what cannot be served is listed in `monitor.skipped` as (name, reason).
     A module reachable under two names is wrapped once, under its first name.
     Instrument after moving the model to its device and dtype: a layer that later computes
-    on another device or in another precision raises at its next forward or step().
+    on another device or in another precision raises at its next forward or step(). Under
+    FSDP2, instrument after fully_shard (fsdp.py): a model sharded later raises at step().
     """
-    unknown = set(options) - set(_OPTION_DEFAULTS)
-    if unknown:
-        raise TypeError(f"instrument() got unknown options {sorted(unknown)}; "
-                        f"known: {sorted(_OPTION_DEFAULTS)}")
-    opts = {**_OPTION_DEFAULTS, **options}
-    rundir.check_options(opts)
-    distributed.check_not_sharded(model)
-    if not isinstance(opts["every"], int) or opts["every"] < 1:
-        raise ValueError(f"every must be an integer >= 1, got {opts['every']!r}")
-    if opts["weight_mode"] not in ("element", "neuron"):
-        raise ValueError(f"weight_mode must be 'element' or 'neuron', got {opts['weight_mode']!r}")
-    if opts["energy"] not in metrics.ENERGIES:
-        raise ValueError(f"energy must be one of {sorted(metrics.ENERGIES)}, got {opts['energy']!r}")
+    opts = options_.check(options)
+    fsdp.check_model(model)
     scaler = opts["grad_scaler"]
-    if scaler is not None and not isinstance(scaler, torch.amp.GradScaler):
-        raise TypeError(f"grad_scaler must be a torch.amp.GradScaler, got {type(scaler).__name__}")
     grad_scale = GradScale(scaler) if scaler is not None else None
     opts["grad_scaler"] = scaler is not None  # the options are saved with the state: no object
     for name, m in model.named_modules():
@@ -426,6 +525,7 @@ def instrument(model: nn.Module, **options) -> Monitor:
             owner = owners.setdefault(st.weight_id, st)
             if owner is not st:
                 st.share_weight_state(owner)
+    windows.check_sharded(opts["windows"] or {}, states)
     for name in wrapped:  # every state is built: only now is the model touched
         wrap(layers[name], states[name])
     mon = Monitor(model, states, layers, skipped, opts, grad_scale)

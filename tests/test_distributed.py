@@ -1,7 +1,7 @@
 """Two ranks on the gloo backend (CPU) against one process that sees the union of their data.
 
 One spawn of two processes runs every distributed case (a process start costs seconds):
-FSDP / DTensor refusal, a DDP run whose merged summaries, metrics and run directory are
+a replicated DTensor's refusal, a DDP run whose merged summaries, metrics and run directory are
 compared with a single-process run of the same seeded model, and a run in which rank 1 dies
 (os._exit) and rank 0 is hard-killed by the broken collective, whose directory must load.
 
@@ -22,11 +22,11 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import lrfluct_fast as lf
 
 from models import batches, build
+from spawn_ranks import spawn
 
 STEPS, BATCH = 5, 8
 TEMPORAL_KEYS = ("weight.spread", "bias.spread")
@@ -52,16 +52,9 @@ def _flat(summary):
 # the ranks
 # ---------------------------------------------------------------------------------------
 def _refusals(rank, world):
-    from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import Replicate, distribute_tensor, init_device_mesh
 
     out = {}
-    sharded = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
-    fully_shard(sharded)
-    try:
-        lf.instrument(sharded)
-    except ValueError as e:
-        out["fsdp"] = str(e)
     mesh = init_device_mesh("cpu", (world,))
     lin = torch.nn.Linear(4, 3)
     lin.weight = torch.nn.Parameter(distribute_tensor(lin.weight.detach(), mesh, [Replicate()]))
@@ -132,20 +125,7 @@ def _worker(rank, world, tmp):
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):
     tmp = str(tmp_path_factory.mktemp("dist"))
-    ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=_worker, args=(r, 2, tmp)) for r in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(240)
-    for p in procs:
-        if p.is_alive():
-            p.kill()
-    for r in range(2):
-        err = os.path.join(tmp, f"error{r}.txt")
-        if os.path.exists(err):
-            pytest.fail(f"rank {r} failed:\n{open(err).read()}")
-    return tmp, [p.exitcode for p in procs]
+    return tmp, spawn(_worker, 2, tmp)
 
 
 def _single_process():
@@ -177,13 +157,13 @@ def _assert_close(got, want, key, msg):
 # ---------------------------------------------------------------------------------------
 # tests
 # ---------------------------------------------------------------------------------------
-def test_fsdp_and_dtensor_refused(two_ranks):
-    tmp, _ = two_ranks
+def test_replicated_dtensor_refused(two_ranks):
+    tmp, _ = two_ranks  # FSDP2 and its refusals: test_fsdp.py
     for r in range(2):
         with open(os.path.join(tmp, f"refusals{r}.json")) as f:
             got = json.load(f)
-        assert "sharded by FSDP" in got["fsdp"] and "DDP is" in got["fsdp"]
-        assert "DTensor" in got["dtensor"] and "'0.weight'" in got["dtensor"]
+        assert "DTensor that fully_shard did not make" in got["dtensor"]
+        assert "'0.weight'" in got["dtensor"] and "Replicate()" in got["dtensor"]
 
 
 def test_merged_summaries_equal_single_process(two_ranks):

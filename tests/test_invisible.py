@@ -410,7 +410,7 @@ def test_grad_scaler_unscaled_and_skipped_steps_dropped():
 
 
 def test_grad_scaler_option_checked():
-    with pytest.raises(TypeError, match="grad_scaler must be a torch.amp.GradScaler"):
+    with pytest.raises(TypeError, match="grad_scaler must be None or a torch.amp.GradScaler"):
         lf.instrument(build("mlp"), grad_scaler=2.0)
 
 

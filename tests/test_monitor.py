@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import copy
 import io
+import re
 import warnings
 
 import numpy as np
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -380,16 +382,21 @@ def test_torch_compile_matches_eager():
 # ---------------------------------------------------------------------------------------
 # 9. state_dict / load_state_dict
 # ---------------------------------------------------------------------------------------
-def test_state_dict_resume_identical():
-    data = batches("mlp", 6, seed=19)
+def _whole_and_first_half(seed):
+    """An MLP trained 6 steps straight, and one trained the first 3 of the same batches."""
+    data = batches("mlp", 6, seed=seed)
     straight = build("mlp", 8)
     mon = lf.instrument(straight)
     train(straight, [mon], data, make_opt(straight, "adam"))
-
     first = build("mlp", 8)
     mon1 = lf.instrument(first)
     opt1 = make_opt(first, "adam")
     train(first, [mon1], data[:3], opt1)
+    return data, straight, mon, first, mon1, opt1
+
+
+def test_state_dict_resume_identical():
+    data, straight, mon, first, mon1, opt1 = _whole_and_first_half(19)
     buf = io.BytesIO()
     torch.save({"monitor": mon1.state_dict(), "model": first.state_dict(),
                 "opt": opt1.state_dict()}, buf)
@@ -412,15 +419,7 @@ def test_state_dict_resume_identical():
 def test_load_state_dict_version_2():
     """A state saved before the temporal master (tally [2], no master) resumes as an open block:
     the same statistics, and the next steps go on from them."""
-    data = batches("mlp", 6, seed=23)
-    straight = build("mlp", 8)
-    mon = lf.instrument(straight)
-    train(straight, [mon], data, make_opt(straight, "adam"))
-
-    first = build("mlp", 8)
-    mon1 = lf.instrument(first)
-    opt1 = make_opt(first, "adam")
-    train(first, [mon1], data[:3], opt1)
+    data, _, mon, first, mon1, opt1 = _whole_and_first_half(23)
     sd = mon1.state_dict()
     old = {name: {k: t[:2] if k.endswith(".tally") else t for k, t in buffers.items()
                   if not k.endswith(".master")} for name, buffers in sd["layers"].items()}
@@ -580,21 +579,76 @@ def test_weight_mode_neuron():
     assert np.isfinite(mon.metrics()["conv1"]["spread_of_spread"])
 
 
-def test_bad_options_raise():
-    with pytest.raises(ValueError, match="every"):
-        lf.instrument(build("mlp"), every=0)
-    with pytest.raises(ValueError, match="every"):
-        lf.instrument(build("mlp"), every=1.5)
-    with pytest.raises(ValueError, match="weight_mode"):
-        lf.instrument(build("mlp"), weight_mode="x")
-    with pytest.raises(ValueError, match="energy"):
-        lf.instrument(build("mlp"), energy="x")
-    with pytest.raises(TypeError, match="evry"):
-        lf.instrument(build("mlp"), evry=2)
+BAD_OPTIONS = [  # (option, value, error): every option of instrument, each kind of mistake
+    ("activations", "no", TypeError), ("gradients", 0, TypeError), ("weights", None, TypeError),
+    ("biases", 1, TypeError), ("every", True, TypeError), ("every", 1.5, TypeError),
+    ("every", 0, ValueError), ("weight_mode", "x", ValueError), ("weight_mode", 1, TypeError),
+    ("dead_threshold", "0.1", TypeError), ("dead_threshold", -1, ValueError),
+    ("dead_threshold", float("nan"), ValueError), ("dead_threshold", 1.5, ValueError),
+    ("dead_threshold", True, TypeError), ("energy", "x", ValueError), ("energy", None, TypeError),
+    ("energy", ["weight"], TypeError), ("log_dir", "", ValueError), ("log_dir", 3, TypeError),
+    ("log_dir", b"runs", TypeError), ("log_every", True, TypeError), ("log_every", 0, ValueError),
+    ("summary_every", 2.0, TypeError), ("summary_every", -5, ValueError),
+    ("tensorboard", "yes", TypeError), ("tensorboard", 1, TypeError),
+    ("log_errors", "ignore", ValueError), ("log_errors", None, TypeError),
+    ("grad_scaler", "x", TypeError), ("windows", [1], TypeError),
+]
+
+
+@pytest.mark.parametrize("option, value, error", BAD_OPTIONS,
+                         ids=[f"{o}={v!r}" for o, v, _ in BAD_OPTIONS])
+def test_bad_option_refused_naming_it(option, value, error):
     model = build("mlp")
-    with pytest.raises(TypeError):
+    with pytest.raises(error, match=f"^{option} must be .*, got {re.escape(repr(value))}"):
+        lf.instrument(model, **{option: value})
+    assert type(model.fc1) is nn.Linear        # a refused call leaves the model alone
+
+
+def test_every_option_has_a_refused_value():
+    assert {o for o, _, _ in BAD_OPTIONS} == set(lf.options.DEFAULTS)
+
+
+def test_good_option_values_accepted():
+    mon = lf.instrument(build("mlp"), dead_threshold=np.float32(0.5), every=np.int64(2),
+                        weight_mode="neuron", energy="gradient")
+    assert mon.options["dead_threshold"] == 0.5 and type(mon.options["dead_threshold"]) is float
+    assert mon.options["every"] == 2 and type(mon.options["every"]) is int
+    mon.remove()
+    lf.instrument(build("mlp"), dead_threshold=0).remove()
+    lf.instrument(build("mlp"), dead_threshold=1).remove()
+
+
+def test_log_dir_that_is_a_file_refused(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match="log_dir must be a directory, but .*file is a file"):
+        lf.instrument(build("mlp"), log_dir=tmp_path / "file")
+
+
+def test_unknown_option_raises():
+    model = build("mlp")
+    with pytest.raises(TypeError, match="evry"):
         lf.instrument(model, evry=2)
     assert type(model.fc1) is nn.Linear        # a refused call leaves the model alone
+
+
+def test_removed_monitor_and_bad_state_raise_clearly():
+    model = build("mlp")
+    mon = lf.instrument(model)
+    with pytest.raises(TypeError, match="load_state_dict expects the dict of Monitor.state_dict"
+                                        r"\(\), got None"):
+        mon.load_state_dict(None)
+    sd = mon.state_dict()
+    with pytest.raises(ValueError, match="'steps' must be an integer, got '3'"):
+        mon.load_state_dict({**sd, "steps": "3"})
+    with pytest.raises(ValueError, match="'layers' must be a dict, got None"):
+        mon.load_state_dict({**sd, "layers": None})
+    with pytest.raises(ValueError, match=r"layers \['fc1'\] do not map"):
+        mon.load_state_dict({**sd, "layers": {**sd["layers"], "fc1": None}})
+    mon.remove()
+    for call in (mon.memory_bytes, mon.state_dict, mon.summary, mon.step, mon.reset,
+                 lambda: mon.load_state_dict(sd)):
+        with pytest.raises(RuntimeError, match="this Monitor was removed"):
+            call()
 
 
 def test_nothing_supported_raises():

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 
 import numpy as np
 import pytest
@@ -309,6 +310,9 @@ def test_corrupt_files_raise_naming_the_file(tmp_path):
     npz.write_bytes(good[:len(good) // 2])
     with pytest.raises(ValueError, match="corrupt summary file .*step_000000002.npz"):
         lf.load_run(d)
+    npz.write_bytes(np.random.default_rng(0).bytes(len(good)))
+    with pytest.raises(ValueError, match="corrupt summary file .*step_000000002.npz: not an .npz"):
+        lf.load_run(d)
     npz.write_bytes(good)
 
     csv_file = d / "metrics.csv"
@@ -321,19 +325,30 @@ def test_corrupt_files_raise_naming_the_file(tmp_path):
         lf.load_run(d)
     csv_file.write_text("".join(lines))
 
+    info = (d / "run.json").read_text()
+    (d / "run.json").write_text(info.replace('"layers": [', '"layers": null, "old": ['))
+    with pytest.raises(ValueError, match="corrupt run file .*run.json: 'layers' must be a JSON "
+                                         "array, got null"):
+        lf.load_run(d)
     (d / "run.json").write_text('{"run_id": "abc", ')
     with pytest.raises(ValueError, match="corrupt run file .*run.json"):
         lf.load_run(d)
     (d / "run.json").unlink()
-    with pytest.raises(ValueError, match="not a run directory"):
+    with pytest.raises(ValueError, match="not a run directory: it has no run.json"):
         lf.load_run(d)
+    with pytest.raises(ValueError, match="metrics.csv is not a run directory: it is a file"):
+        lf.load_run(d / "metrics.csv")
+    with pytest.raises(ValueError, match="nowhere is not a run directory: it does not exist"):
+        lf.load_run(d / "nowhere")
 
 
 def test_bad_options_raise(tmp_path, monkeypatch):
     net, _ = _make()
-    for opts in (dict(log_every=0), dict(summary_every=1.5), dict(log_errors="ignore"),
-                 dict(tensorboard="yes", log_dir=tmp_path)):
+    for opts in (dict(log_every=0), dict(log_errors="ignore")):
         with pytest.raises(ValueError):
+            lf.instrument(net, **opts)
+    for opts in (dict(summary_every=1.5), dict(tensorboard="yes", log_dir=tmp_path)):
+        with pytest.raises(TypeError):
             lf.instrument(net, **opts)
     with pytest.raises(TypeError, match="log_dir"):
         lf.instrument(net, log_dir=3)
@@ -360,6 +375,53 @@ def test_write_error_warns_and_training_goes_on(tmp_path):
     assert mon.summary()["0"]["steps"] == 5
     with pytest.warns(RuntimeWarning, match="writes to the run directory .* failed"):
         mon.close()
+
+
+def _temp_files(d):
+    return [os.path.join(root, f) for root, _, files in os.walk(d) for f in files
+            if f.endswith(".tmp")]
+
+
+def test_full_disk_one_warning_no_temp_files_and_summary_written_again(tmp_path, monkeypatch):
+    """60 steps on a full disk (each summary write fails halfway through its file), then
+    space returns: one warning, no orphan temp file, and the next write brings the summary."""
+    d = tmp_path / "run"
+    net, opt, mon = _run(d, 1, log_every=1, summary_every=10)
+    mon._run.writer.drain()
+
+    def disk_full(file, **arrays):
+        file.write(b"PK\x03\x04 half a summary")
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(np, "savez", disk_full)
+    monkeypatch.setattr(os, "write", lambda fd, data: (_ for _ in ()).throw(
+        OSError(errno.ENOSPC, "No space left on device")))  # metrics.csv appends fail too
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for step in range(2, 62):
+            _train_step(net, opt, mon, step)
+        mon._run.writer.drain()
+    assert len([w for w in caught if "run directory" in str(w.message)]) == 1
+    assert _temp_files(d) == []
+    monkeypatch.undo()  # space returns
+    _train_step(net, opt, mon, 62)  # not a summary step: the owed summary comes with it
+    mon._run.writer.drain()
+    run = lf.load_run(d)
+    assert [s for s, _ in run.summaries] == [62]
+    _assert_summary_close(run.summaries[-1][1]["0"], mon.summary()["0"])
+    assert sorted(set(run.metrics["step"])) == [1, 62]  # the failed steps' rows are lost
+    with pytest.warns(RuntimeWarning, match="60 writes to the run directory .* failed"):
+        mon.close()
+
+
+def test_temp_files_removed_when_the_directory_is_opened(tmp_path):
+    d = tmp_path / "run"
+    _, _, mon = _run(d, 2, summary_every=1)
+    mon.close()
+    (d / "summaries" / ".step_000000003.npz.tmp").write_bytes(b"PK\x03\x04half")
+    (d / ".metrics.csv.tmp").write_bytes(b"step,layer\n")
+    mon2 = lf.instrument(_make()[0], log_dir=d)
+    assert _temp_files(d) == []
+    mon2.remove()
 
 
 def test_write_error_raises_with_log_errors_raise(tmp_path, monkeypatch):

@@ -8,11 +8,14 @@ write files or plot.
 Loop: Adam (default: the usual choice for a small PyTorch autoencoder, and plain SGD at
 1e-4 barely moves in a short window; `optimizer="sgd"` for plain SGD) on the mean squared
 reconstruction error, mini-batches of `batch_size` in an order reshuffled every epoch from `seed`;
-`monitor.step()` after every optimizer step. Statistics windows: the monitor is read and
-reset every `window` epochs (default 1, so each history row is one epoch's fluctuations:
-a weight's temporal std over that epoch's steps, activations and gradients of that epoch's
-forwards), and the last window is also closed at the final epoch. The "final" summary and
-metrics are the last window's. `window=epochs` gives statistics over the whole run instead.
+`monitor.step()` after every optimizer step. Statistics windows of `window` epochs (default
+1, so each history row is one epoch's fluctuations: a weight's temporal std over that
+epoch's steps, activations and gradients of that epoch's forwards); the last window is also
+closed at the final epoch. The fused monitor closes them itself (instrument's `windows`
+option, one window length for every statistic; its whole-run statistics stay beside them);
+a monitor without windows (the hook baselines) is read and reset at each window's end.
+The "final" summary and metrics are the last window's (with windows: its per-neuron rows,
+so no weight.temporal_var). `window=epochs` gives statistics over the whole run instead.
 Evaluation forwards (test loss every epoch, reconstructions) run in eval mode under
 no_grad, so a monitor following DESIGN's counting rules does not count them.
 
@@ -73,6 +76,32 @@ def resolve_monitor(monitor) -> Callable[[nn.Module], object]:
                      f"got {monitor!r}")
 
 
+def _instrument():
+    import lrfluct_fast
+    return getattr(lrfluct_fast, "instrument", None)
+
+
+WINDOWED = ("activation", "gradient", "weight", "bias")
+
+
+def _close_window(mon, windowed: bool):
+    """(summary, metrics) of the window that ends now: the closed windows' rows of a monitor
+    with windows, else its summary, after which it is reset."""
+    if not windowed:
+        summary, metrics = mon.summary(), mon.metrics()
+        mon.reset()
+        return summary, metrics
+    from .. import metrics as lf_metrics
+    mon.close_windows()  # a no-op for windows step() has just closed
+    summary: dict[str, dict] = {}
+    for row in mon.closed_windows():
+        for layer, values in row.layers.items():
+            summary.setdefault(layer, {}).update(values)
+            summary[layer]["steps"] = np.int64(row.last_step - row.first_step + 1)
+    options = {k: mon.options[k] for k in ("dead_threshold", "energy")}
+    return summary, {layer: lf_metrics.layer_metrics(s, **options) for layer, s in summary.items()}
+
+
 def make_optimizer(name: str, params, lr: float) -> torch.optim.Optimizer:
     if name == "adam":
         return torch.optim.Adam(params, lr=lr)
@@ -124,7 +153,10 @@ def train_autoencoder(model: nn.Module, train_images: torch.Tensor, test_images:
     summary = metrics = None
     model.train()
     start_time = time.perf_counter()
-    mon = factory(model)
+    windowed = factory is _instrument()
+    steps_per_window = window * steps_per_epoch
+    mon = (factory(model, windows=dict.fromkeys(WINDOWED, steps_per_window)) if windowed
+           else factory(model))
     # after instrumenting: the optimizer must hold the parameters the wrapped modules use
     opt = make_optimizer(optimizer, model.parameters(), lr)
     try:
@@ -142,8 +174,7 @@ def train_autoencoder(model: nn.Module, train_images: torch.Tensor, test_images:
             train_loss.append(total.item() / n)
             test_loss.append(evaluate(model, test_images))
             if epoch % window == 0 or epoch == epochs:
-                summary, metrics = mon.summary(), mon.metrics()
-                mon.reset()
+                summary, metrics = _close_window(mon, windowed)
                 window_end.append(epoch)
                 for layer in layers:
                     for key in HISTORY_KEYS:

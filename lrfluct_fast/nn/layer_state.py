@@ -3,7 +3,8 @@
 Owns the buffers (activation and gradient (counts, moments), weight and bias temporal state),
 the decision whether a forward is observed, and the merge of a forward's and a backward's
 batch statistics into the buffers. It never touches the module's parameters, its output or
-its gradients, and never synchronises with the host.
+its gradients, and never synchronises with the host. Under FSDP2 the weight and bias temporal
+state is of this rank's shard (fsdp.LocalShard), the activation and gradient state of all neurons.
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import math
 import torch
 from torch import nn
 
-from .. import _backend, ops
+from .. import _backend, fsdp, ops
 from ..layers import LayerKind, parameter_value
 
 TEMPORAL_PARTS = ("tally", "skipped", "moments", "master")  # buffer names of a temporal state (ops.new_state)
@@ -115,10 +116,16 @@ class LayerState:
                            torch.zeros(3, n, dtype=ops.STATS_DTYPE, device=dev))
         self.weight_id = id(weight)
         self.weight_shared_with: str | None = None  # the layer that records a tied weight
-        if self.track["weight"]:
-            self._add_temporal("weight", self.weight_observation(weight))
+        # FSDP2: the weight and bias temporal state covers this rank's shard only (fsdp.py)
+        self.shards = fsdp.shards_of(name, {"weight": weight, "bias": bias})
+        # neuron mode with each rank holding a part of every neuron: the RMS needs every rank
+        self.neurons_split = ("weight" in self.shards and weight_mode == "neuron"
+                              and self.track["weight"] and fsdp.neurons_split(name, kind, weight))
+        if self.track["weight"]:  # (the split RMS is a collective: not computed here)
+            self._add_temporal("weight", torch.empty(self.neurons, device=dev) if self.neurons_split
+                               else self.weight_observation(self.local_value("weight", weight)))
         if self.track["bias"]:
-            self._add_temporal("bias", bias)
+            self._add_temporal("bias", self.local_value("bias", bias))
         self.bias_shape = None if bias is None else tuple(bias.shape)
         # the neurons are one dim of the output (`dim_of`): z is read in place as [B, N, S]
         self._dim_of = getattr(self.rows, "dim_of", None)
@@ -296,9 +303,30 @@ class LayerState:
             fan_in = math.prod(w.shape[d] for d in others)
             if not others:
                 return w.float().abs()
+            if self.neurons_split:  # w is this rank's shard: part of every neuron's weights
+                return fsdp.rms_over_ranks(w, others, self.shards["weight"].global_shape)
             return torch.linalg.vector_norm(w, dim=others, dtype=torch.float32).div_(math.sqrt(fan_in))
         rows = self.weight_rows(w)
         return torch.linalg.vector_norm(rows, dim=1, dtype=torch.float32).div_(math.sqrt(rows.shape[1]))
+
+    def local_value(self, role: str, value: torch.Tensor) -> torch.Tensor:
+        """What this rank records of its weight or bias `value` as read from the module: the
+        value, or this rank's shard of it when FSDP2 shards it."""
+        shard = self.shards.get(role)
+        if shard is not None:
+            return shard.local(value)
+        if fsdp.is_dtensor(value):
+            raise ValueError(f"layer {self.name!r}: its {role} is a DTensor now but was not when "
+                             f"instrumented: the model was sharded (fully_shard) after "
+                             f"instrument(); {fsdp.INSTRUMENT_AFTER}")
+        return value
+
+    def recorded_shape(self, role: str) -> tuple:
+        """The shape of what step() records of the weight or bias (its local shard under FSDP)."""
+        shard = self.shards.get(role)
+        if shard is not None:
+            return shard.local_shape
+        return self.weight_shape if role == "weight" else self.bias_shape
 
     def check_placement(self, what: str, t: torch.Tensor, shape: tuple | None = None) -> None:
         """Refuse a tensor of the layer (its output, weight or bias) moved, cast or (a
@@ -326,19 +354,25 @@ class LayerState:
             self.buffers[f"weight.{part}"] = owner.buffers[f"weight.{part}"]
         self.weight_shared_with = owner.name
 
-    def temporal_state(self, kind: str) -> list[torch.Tensor]:
-        """The (tally, skipped, moments, master) buffers of "weight" or "bias"."""
-        return [self.buffers[f"{kind}.{part}"] for part in TEMPORAL_PARTS]
+    def temporal_state(self, kind: str, buffers=None) -> list[torch.Tensor]:
+        """The (tally, skipped, moments, master) buffers of "weight" or "bias": the live ones,
+        or those in `buffers` ({buffer key: tensor}, a copy of this layer's)."""
+        return [(self.buffers if buffers is None else buffers)[f"{kind}.{part}"]
+                for part in TEMPORAL_PARTS]
 
     # -- state ------------------------------------------------------------------------------
     @staticmethod
     def upgrade_single_level(saved: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Buffers saved before the temporal state had a master (state_dict version 2), in
-        this layout: each single-level temporal state becomes an open block."""
+        this layout: each single-level temporal state becomes an open block (a whole-run total
+        of windows.py: its master)."""
+        from .. import windows
         out = dict(saved)
-        for kind in ("weight", "bias"):
+        for kind in ("weight", "bias", "run.weight", "run.bias"):
             if f"{kind}.tally" in saved and f"{kind}.master" not in saved:
                 parts = ops.upgrade_single_level(*(saved[f"{kind}.{p}"] for p in TEMPORAL_PARTS[:3]))
+                if kind.startswith(windows.RUN):
+                    parts = windows.as_total(parts)
                 out.update(zip((f"{kind}.{p}" for p in TEMPORAL_PARTS), parts))
         return out
 

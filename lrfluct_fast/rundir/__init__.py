@@ -21,6 +21,15 @@ Files (numpy and pandas read each directly):
                 scalar "steps"). The per-element weight.temporal_var is not written (it is
                 weight-sized; mon.summary() and state_dict() have it). Written as
                 summaries/.step_{step:09d}.npz.tmp, then os.replace'd.
+  windows/{statistic}.f64
+                with instrument's `windows` option: one record per closed window of that
+                statistic, float64 little-endian: the run's step at its close, its
+                first_step and last_step (Monitor.steps), then the per-neuron values of
+                each column [layer, key, neurons] that run.json's "windows" lists. Appended
+                in one write per record; a partial last record (a killed write) is ignored
+                by load_run and cut before the next append. Read it with
+                np.fromfile(path, "<f8").reshape(-1, 3 + sum of the columns' neurons), or
+                lf.load_run(dir).windows[statistic] (a WindowRows of [W] and [W, N] arrays).
   tensorboard/  with tensorboard=True: scalars "{layer}/{metric}" every log_every steps,
                 histograms "{layer}/weight.spread" and "{layer}/bias.spread" per summary.
 `step` is the run's step: Monitor.step() calls since the run began. reset() does not restart
@@ -49,22 +58,28 @@ Disk (measured): metrics.csv grows ~100 bytes per layer per logged step (9 colum
 in Python's shortest repr); a summary file is ~3.5 kB per layer (12 arrays with their
 npy and zip headers) plus 88 bytes per neuron (11 float64/int64 values). E.g. 100 layers of
 1024 neurons, log_every=100, summary_every=1000, 100k steps: 10 MB of metrics.csv and 100
-summaries of 9.4 MB each: for wide models, raise summary_every.
+summaries of 9.4 MB each: for wide models, raise summary_every. A window record is
+8 bytes x (3 + the sum over its columns of their neurons): gradient windows of every step
+on 100 layers of 1024 neurons add 3.3 MB per step.
 
 Resume: Monitor.state_dict() holds {"run_id", "step"} and waits for the writer. A new
 process calls instrument(..., log_dir=same dir), then load_state_dict(checkpoint): rows of
 metrics.csv after the checkpoint's step (logged by the crashed run after its checkpoint) are
-dropped by rewriting the file atomically, later summaries are deleted, TensorBoard purges
+dropped by rewriting the file atomically, later summaries and window records are deleted, TensorBoard purges
 later events, and logging goes on from the checkpoint's step: no gap, no duplicated step.
 
 Refused: a log_dir holding another run with other layers or statistics options (ValueError
 at instrument), or a run with logged data that is not resumed (ValueError at the first
 step() or flush(), or at load_state_dict of another run's checkpoint).
-Write errors (full disk, removed directory): a RuntimeWarning, that item is lost, training
-goes on; with log_errors="raise" the next step(), flush() or close() raises RuntimeError.
+Write errors (full disk, removed directory): training goes on with one RuntimeWarning per
+spell of failures (not one per step); the records of the steps whose writes fail are lost, a
+failed write leaves no temp file, and the summary a failed write owed is written at the first
+write that succeeds (when space returns). Temp files of writes a killed run left are removed
+when a run directory is opened. With log_errors="raise" the next step(), flush() or close()
+raises RuntimeError instead.
 """
-from .load import Metrics, Run, load_run
-from .runlog import LOG_OPTIONS, RunLog, check_options
-from .writer import QUEUE_SIZE
+from .load import Metrics, Run, WindowRows, load_run
+from .runlog import LOG_OPTIONS, RunLog
+from .writer import QUEUE_SIZE, summary_writer_class
 
-__all__ = ["LOG_OPTIONS", "QUEUE_SIZE", "Metrics", "Run", "RunLog", "check_options", "load_run"]
+__all__ = ["LOG_OPTIONS", "QUEUE_SIZE", "Metrics", "Run", "WindowRows", "RunLog", "load_run", "summary_writer_class"]

@@ -6,12 +6,16 @@ import io
 import json
 import os
 import re
-from typing import Any
+from typing import Any, BinaryIO, Callable
+
+import numpy as np
 
 
 
 FORMAT = 1
 RUN_FILE, METRICS_FILE, SUMMARY_DIR, TB_DIR = "run.json", "metrics.csv", "summaries", "tensorboard"
+WINDOW_DIR = "windows"
+WINDOW_HEAD = ("step", "first_step", "last_step")  # the first values of a window record
 SUMMARY_NAME = re.compile(r"step_(\d{9,})\.npz")
 
 
@@ -20,12 +24,18 @@ def csv_header(columns) -> str:
     return ",".join(["step", "layer", *columns]) + "\n"
 
 
-def atomic_write(path: str, data: bytes) -> None:
+def atomic_write(path: str, data: bytes | Callable[[BinaryIO], None]) -> None:
+    """`path` written whole or not at all: `data` (bytes, or a function writing into a binary
+    file) goes to a temp name first, which a failed write removes."""
     head, tail = os.path.split(path)
     tmp = os.path.join(head, f".{tail}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            data(f) if callable(data) else f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        remove_quietly(tmp)
+        raise
 
 
 def write_json(path: str, obj) -> None:
@@ -57,7 +67,7 @@ def cut_partial_line(path: str, header: str) -> None:
 
 
 def has_data(path: str) -> bool:
-    """The directory holds logged steps: metrics rows or summaries."""
+    """The directory holds logged steps: metrics rows, summaries or window records."""
     try:
         with open(os.path.join(path, METRICS_FILE), "rb") as f:
             head = f.read(65536)
@@ -66,7 +76,10 @@ def has_data(path: str) -> bool:
             return True
     except FileNotFoundError:
         pass
-    sdir = os.path.join(path, SUMMARY_DIR)
+    sdir, wdir = os.path.join(path, SUMMARY_DIR), os.path.join(path, WINDOW_DIR)
+    if os.path.isdir(wdir) and any(f.endswith(".f64") and os.path.getsize(os.path.join(wdir, f))
+                                   for f in os.listdir(wdir)):
+        return True
     return os.path.isdir(sdir) and any(SUMMARY_NAME.fullmatch(f) for f in os.listdir(sdir))
 
 
@@ -86,11 +99,60 @@ def truncate_after(path: str, step: int, columns) -> None:
     os.makedirs(sdir, exist_ok=True)
     for name in os.listdir(sdir):
         m = SUMMARY_NAME.fullmatch(name)
-        if (m and int(m.group(1)) > step) or name.endswith(".tmp"):
+        if m and int(m.group(1)) > step:
             os.remove(os.path.join(sdir, name))
-    for name in os.listdir(path):
-        if name.startswith(".") and name.endswith(".tmp"):
-            os.remove(os.path.join(path, name))
+    remove_temp_files(path)
+    for statistic, layout in window_layouts(read_run_info(path)).items():
+        cut_window_records(path, statistic, layout, after_step=step)
+
+
+def window_file(path: str, statistic: str) -> str:
+    return os.path.join(path, WINDOW_DIR, f"{statistic}.f64")
+
+
+def window_layouts(info: dict[str, Any]) -> dict[str, list]:
+    """{statistic: [[layer, key, neurons], ...]} of run.json's "windows"."""
+    return {s: w["columns"] for s, w in (info.get("windows") or {}).items()}
+
+
+def record_width(layout) -> int:
+    return len(WINDOW_HEAD) + sum(n for _, _, n in layout)
+
+
+def cut_window_records(path: str, statistic: str, layout, after_step: int | None = None) -> None:
+    """Cut a window file to whole records (a write that was killed or failed leaves part of
+    one), and with `after_step` drop the records of later steps (a resume)."""
+    file = window_file(path, statistic)
+    if not os.path.exists(file):
+        return
+    width = record_width(layout) * 8
+    keep = os.path.getsize(file) // width
+    if after_step is not None and keep:
+        steps = np.memmap(file, dtype="<f8", mode="r", shape=(keep, width // 8))[:, 0]
+        keep = int(np.searchsorted(steps, after_step, side="right"))
+        del steps
+    os.truncate(file, keep * width)
+
+
+def is_temp_file(name: str) -> bool:
+    return name.startswith(".") and name.endswith(".tmp")
+
+
+def remove_temp_files(path: str) -> None:
+    """Remove the temp files of writes that did not finish (killed or failed) from the run
+    directory and its summaries/."""
+    for folder in (path, os.path.join(path, SUMMARY_DIR)):
+        if os.path.isdir(folder):
+            for name in os.listdir(folder):
+                if is_temp_file(name):
+                    remove_quietly(os.path.join(folder, name))
+
+
+def remove_quietly(file: str) -> None:
+    try:
+        os.remove(file)
+    except OSError:
+        pass  # gone already, or the filesystem refuses: load_run ignores temp files anyway
 
 
 def read_csv(file: str) -> tuple[list[str] | None, list[tuple[int, list[str]]]]:
@@ -122,7 +184,19 @@ def read_csv(file: str) -> tuple[list[str] | None, list[tuple[int, list[str]]]]:
     return header, out
 
 
+# run.json's fields that load_run and a resume read, with the type each must have
+RUN_FIELDS = {"format": int, "run_id": str, "layers": list, "neurons": dict, "options": dict,
+              "metric_columns": list, "resumes": list, "windows": dict}
+_JSON_TYPES = {int: "integer", str: "string", list: "array", dict: "object"}
+
+
 def read_run_info(path: str) -> dict[str, Any]:
+    """run.json of the run directory `path`, checked; ValueError naming the path or the file."""
+    if not os.path.exists(path):
+        raise ValueError(f"{path} is not a run directory: it does not exist")
+    if not os.path.isdir(path):
+        raise ValueError(f"{path} is not a run directory: it is a file (pass the directory "
+                         f"that holds {RUN_FILE})")
     file = os.path.join(path, RUN_FILE)
     try:
         with open(file, "rb") as f:
@@ -135,4 +209,18 @@ def read_run_info(path: str) -> dict[str, Any]:
         raise ValueError(f"corrupt run file {file}: not an lrfluct_fast run description")
     if info["format"] != FORMAT:
         raise ValueError(f"{file}: run directory format {info['format']!r}, this version reads {FORMAT}")
+    for key, kind in RUN_FIELDS.items():
+        if key in info and not isinstance(info[key], kind):
+            raise ValueError(f"corrupt run file {file}: {key!r} must be a JSON "
+                             f"{_JSON_TYPES[kind]}, got {json.dumps(info[key])}")
+    for key in ("layers", "metric_columns"):
+        if not all(isinstance(v, str) for v in info.get(key, [])):
+            raise ValueError(f"corrupt run file {file}: {key!r} must list names (strings)")
+    for statistic, w in info.get("windows", {}).items():
+        columns = w.get("columns") if isinstance(w, dict) else None
+        if not isinstance(columns, list) or not all(
+                isinstance(c, list) and len(c) == 3 and isinstance(c[0], str)
+                and isinstance(c[1], str) and isinstance(c[2], int) for c in columns):
+            raise ValueError(f"corrupt run file {file}: windows[{statistic!r}] must hold "
+                             f"'columns': [[layer, key, neurons], ...]")
     return info

@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import os
+import zipfile
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from .files import METRICS_FILE, SUMMARY_DIR, SUMMARY_NAME, read_csv, read_run_info
+from .files import (METRICS_FILE, SUMMARY_DIR, SUMMARY_NAME, WINDOW_HEAD, read_csv, read_run_info,
+                    record_width, window_file, window_layouts)
 
 
 # -- reading a run back -----------------------------------------------------------------------
@@ -23,12 +25,22 @@ class Metrics(dict):
 
 
 @dataclass
+class WindowRows:
+    """The closed windows of one statistic (instrument's `windows` option), one row each."""
+    step: np.ndarray         # int64 [W]: the run's step at which each window closed
+    first_step: np.ndarray   # int64 [W]: Monitor.steps of its first and last step
+    last_step: np.ndarray
+    layers: dict[str, dict[str, np.ndarray]]  # {layer: {key: [W, N]}}, the keys of mon.summary()
+
+
+@dataclass
 class Run:
     """A run directory read back by load_run."""
     path: str
     info: dict[str, Any]     # run.json
     metrics: Metrics
     summaries: list[tuple[int, dict[str, dict[str, np.ndarray]]]]  # (step, {layer: {key: array}})
+    windows: dict[str, WindowRows]  # {statistic: its closed windows}
 
     @property
     def run_id(self) -> str:
@@ -70,7 +82,28 @@ def load_run(path: str | os.PathLike) -> Run:
     table["layer"] = np.array([r[1] for _, r in rows], dtype=str)
     for j, c in enumerate(columns[2:], start=2):
         table[c] = np.array([float(r[j]) for _, r in rows], dtype=np.float64)
-    return Run(path, info, table, _read_summaries(path))
+    return Run(path, info, table, _read_summaries(path), _read_windows(path, info))
+
+
+def _read_windows(path: str, info) -> dict[str, WindowRows]:
+    """windows/<statistic>.f64 as rows; a partial last record (a killed write) is left out."""
+    out = {}
+    for statistic, layout in window_layouts(info).items():
+        file = window_file(path, statistic)
+        width = record_width(layout)
+        data = np.fromfile(file, dtype="<f8") if os.path.exists(file) else np.zeros(0)
+        rows = data[:data.size // width * width].reshape(-1, width)
+        head = {name: rows[:, i].astype(np.int64) for i, name in enumerate(WINDOW_HEAD)}
+        layers: dict[str, dict[str, np.ndarray]] = {}
+        col = len(WINDOW_HEAD)
+        for layer, key, n in layout:
+            values = rows[:, col:col + n]
+            if key.endswith((".count", ".nonfinite")):
+                values = values.astype(np.int64)
+            layers.setdefault(layer, {})[key] = values
+            col += n
+        out[statistic] = WindowRows(layers=layers, **head)
+    return out
 
 
 def _read_summaries(path: str):
@@ -84,6 +117,8 @@ def _read_summaries(path: str):
             continue  # temp files of a write that did not finish
         file = os.path.join(sdir, name)
         layers: dict[str, dict[str, np.ndarray]] = {}
+        if not zipfile.is_zipfile(file):
+            raise ValueError(f"corrupt summary file {file}: not an .npz (zip) archive")
         try:
             with np.load(file, allow_pickle=False) as z:
                 for key in z.files:

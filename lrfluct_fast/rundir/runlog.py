@@ -1,5 +1,5 @@
-"""RunLog: the Monitor's side of a run directory: option checks, when to log, what to
-copy, and resuming a run."""
+"""RunLog: the Monitor's side of a run directory: when to log, what to copy, and resuming
+a run."""
 from __future__ import annotations
 
 import os
@@ -11,34 +11,16 @@ from typing import Any
 
 import torch
 
-from .. import distributed, metrics
-from .files import (FORMAT, METRICS_FILE, RUN_FILE, SUMMARY_DIR, atomic_write, csv_header, has_data,
-                    read_run_info, truncate_after, write_json)
-from .writer import Item, Writer, summary_writer_class, snapshot
+from .. import distributed, fsdp, metrics, options, windows
+from .files import (FORMAT, METRICS_FILE, RUN_FILE, SUMMARY_DIR, WINDOW_DIR, atomic_write, csv_header, has_data,
+                    read_run_info, remove_temp_files, truncate_after, window_layouts,
+                    write_json)
+from .writer import Item, WindowItem, Writer, snapshot
 
 
 # instrument() options that only say where and how often to write: they may change when a
 # run resumes; the others define the statistics and must not.
 LOG_OPTIONS = ("log_dir", "log_every", "summary_every", "tensorboard", "log_errors")
-
-
-def check_options(opts: dict[str, Any]) -> None:
-    """Validate the run-directory options of instrument()."""
-    log_dir = opts["log_dir"]
-    if log_dir is not None and not isinstance(log_dir, (str, os.PathLike)):
-        raise TypeError(f"log_dir must be a path or None, got {type(log_dir).__name__}")
-    for key in ("log_every", "summary_every"):
-        v = opts[key]
-        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-            raise ValueError(f"{key} must be an integer >= 1, got {v!r}")
-    if opts["log_errors"] not in ("warn", "raise"):
-        raise ValueError(f"log_errors must be 'warn' or 'raise', got {opts['log_errors']!r}")
-    if not isinstance(opts["tensorboard"], bool):
-        raise ValueError(f"tensorboard must be True or False, got {opts['tensorboard']!r}")
-    if opts["tensorboard"]:
-        if log_dir is None:
-            raise ValueError("tensorboard=True writes into the run directory: pass log_dir too")
-        summary_writer_class()
 
 
 # -- the Monitor's side -----------------------------------------------------------------------
@@ -68,15 +50,26 @@ class RunLog:
             "neurons": {name: st.neurons for name, st in states},
             "metric_columns": self.columns, "resumes": [],
         }
+        win = monitor._windows
+        if win is not None:
+            self.info["windows"] = {
+                statistic: {"every": every, "record": "float64 little-endian: step, first_step, "
+                                                      "last_step, then each column's values",
+                            "columns": [[name, key, monitor.states[name].neurons]
+                                        for name in win.layers(statistic)
+                                        for key in windows.ROW_KEYS[statistic]]}
+                for statistic, every in win.every.items()}
         self._open()
         specs = {name: (dict(st.track), st.weight_mode) for name, st in states}
         self.writer = Writer(self.path, specs,
                               dict(dead_threshold=opts["dead_threshold"], energy=opts["energy"]),
-                              self.columns, opts["tensorboard"], opts["log_errors"])
+                              self.columns, opts["tensorboard"], opts["log_errors"],
+                              window_layouts(self.info))
         weakref.finalize(monitor, self.writer.stop_soon)
 
     def _open(self) -> None:
         os.makedirs(self.path, exist_ok=True)
+        remove_temp_files(self.path)  # of writes a killed or failed run did not finish
         if not os.path.exists(os.path.join(self.path, RUN_FILE)):
             # _create writes run.json first: these files are not ours
             if os.path.exists(os.path.join(self.path, METRICS_FILE)) or has_data(self.path):
@@ -85,7 +78,8 @@ class RunLog:
             return self._create()
         theirs = read_run_info(self.path)
         stats = {k: v for k, v in self.info["options"].items() if k not in LOG_OPTIONS}
-        their_stats = {k: v for k, v in theirs.get("options", {}).items() if k not in LOG_OPTIONS}
+        their_stats = {k: v for k, v in {**options.DEFAULTS, **theirs.get("options", {})}.items()
+                       if k not in LOG_OPTIONS}  # DEFAULTS: options added since that run
         if theirs["layers"] != self.info["layers"] or their_stats != stats:
             raise ValueError(
                 f"log_dir {self.path} holds run {theirs['run_id']} of other layers or options "
@@ -98,6 +92,7 @@ class RunLog:
 
     def _create(self) -> None:
         os.makedirs(os.path.join(self.path, SUMMARY_DIR), exist_ok=True)
+        os.makedirs(os.path.join(self.path, WINDOW_DIR), exist_ok=True)
         write_json(os.path.join(self.path, RUN_FILE), self.info)
         atomic_write(os.path.join(self.path, METRICS_FILE), csv_header(self.columns).encode())
 
@@ -132,6 +127,7 @@ class RunLog:
         if distributed.world_size() > 1:
             flat, layout = distributed.pack(states)
             gathered = distributed.all_gather(flat) if layout else None
+        spreads = fsdp.gathered_spreads(states)  # a collective when a layer is FSDP-sharded
         if self.writer is not None and distributed.rank() != 0:
             warnings.warn("lrfluct_fast: this rank is not rank 0 (instrument ran before "
                           "init_process_group): it stops writing the run directory",
@@ -140,13 +136,25 @@ class RunLog:
             self.writer = None
         if self.writer is None:
             return
-        bufs = snapshot(states, per_rank=gathered is None)
+        bufs = snapshot(states, per_rank=gathered is None, spreads=spreads)
         event = None
         if any(t.is_cuda for b in bufs.values() for t in b.values()):
             event = torch.cuda.Event()
             event.record()
         self.writer.put(Item(self.step, monitor.steps, bufs, gathered, layout,
                               want_metrics, want_summary, event))
+
+    def put_window(self, row) -> None:
+        """A closed window (windows.py: statistic, first and last step, device copies) to the
+        writer, as a record of this run step."""
+        if self.writer is None:
+            return
+        statistic, first, last, copies = row
+        event = None
+        if any(t.is_cuda for b in copies.values() for t in b.values()):
+            event = torch.cuda.Event()
+            event.record()
+        self.writer.put(WindowItem(self.step, statistic, first, last, copies, event))
 
     def flush(self, monitor) -> None:
         self._check_pending()

@@ -16,8 +16,9 @@ from typing import Any
 import torch
 
 import numpy as np
-from .. import distributed, metrics, ops
-from .files import METRICS_FILE, SUMMARY_DIR, TB_DIR, cut_partial_line, csv_header
+from .. import distributed, fsdp, metrics, ops, windows
+from .files import (METRICS_FILE, SUMMARY_DIR, TB_DIR, atomic_write, csv_header, cut_partial_line,
+                    cut_window_records, window_file)
 
 
 QUEUE_SIZE = 8
@@ -35,24 +36,35 @@ def summary_writer_class():
 
 # -- snapshot: the only work a logging step does on the statistics --------------------------
 @torch.no_grad()
-def snapshot(states, *, per_rank: bool = True) -> dict[str, dict[str, torch.Tensor]]:
+def snapshot(states, *, per_rank: bool = True, kinds=None, spreads=None) -> dict[str, dict[str, torch.Tensor]]:
     """Device-side copies of what a logged step needs: {layer: {buffer key: tensor}}.
 
-    The element-mode weight state (weight-sized) is replaced by its per-neuron
-    "weight.spread"; per_rank=False leaves out the activation and gradient statistics
-    (they travel through distributed.pack instead).
+    The whole run's statistics (windows.whole_run), or with `kinds` the open window of those
+    statistics alone (a window's row). The element-mode weight state (weight-sized) is
+    replaced by its per-neuron "weight.spread"; per_rank=False leaves out the activation and
+    gradient statistics (they travel through distributed.pack instead). The temporal state of
+    FSDP-sharded weights and biases is left out: `spreads` (fsdp.gathered_spreads) stand in
+    for it.
     """
     out = {}
     for name, st in states:
         snap = {}
-        element = st.track["weight"] and st.weight_mode == "element"
-        for key, t in st.buffers.items():
+        if kinds is None:
+            buffers = windows.whole_run(st.buffers)
+        else:
+            buffers = {k: t for k, t in st.buffers.items() if k.partition(".")[0] in kinds}
+        sharded = fsdp.sharded_roles(st)
+        element = (st.track["weight"] and st.weight_mode == "element" and "weight" not in sharded
+                   and "weight.moments" in buffers)
+        for key, t in buffers.items():
             kind = key.partition(".")[0]
-            if (kind == "weight" and element) or (kind in distributed.PER_RANK and not per_rank):
+            if ((kind == "weight" and element) or (kind in distributed.PER_RANK and not per_rank)
+                    or kind in sharded):
                 continue
             snap[key] = t.clone()
         if element:
-            snap["weight.spread"] = _weight_spread(st, *st.temporal_state("weight"))
+            snap["weight.spread"] = _weight_spread(st, *st.temporal_state("weight", buffers))
+        snap.update((spreads or {}).get(name, {}))
         out[name] = snap
     return out
 
@@ -75,13 +87,24 @@ class Item:
     event: Any = None               # CUDA event recorded after the copies
 
 
+@dataclass
+class WindowItem:
+    step: int                       # the run's step at which the window closed
+    statistic: str
+    first_step: int                 # Monitor.steps of the window's first and last step
+    last_step: int
+    buffers: dict                   # snapshot(..., kinds=(statistic,))
+    event: Any = None
+
+
 # -- the writer thread ------------------------------------------------------------------------
 class Writer:
     """Turns snapshots into files, in a daemon thread fed by a bounded queue."""
 
     def __init__(self, path: str, specs, metric_options, columns, tensorboard: bool,
-                 log_errors: str):
+                 log_errors: str, window_layouts=None):
         self.path, self.specs, self.metric_options = path, specs, metric_options
+        self.window_layouts = window_layouts or {}  # {statistic: [[layer, key, neurons], ...]}
         self.columns, self.tensorboard, self.log_errors = columns, tensorboard, log_errors
         self.queue: queue.Queue = queue.Queue(QUEUE_SIZE)
         self.errors = 0
@@ -89,6 +112,9 @@ class Writer:
         self.purge_step: int | None = None          # TensorBoard: drop events from here on
         self._tb = None
         self._cut_tail = True  # metrics.csv may end in a partial line: cut it before appending
+        self._cut_windows = True  # and a window file in part of a record
+        self._failing = False       # the last write failed (and that spell was warned of)
+        self._summary_owed = False  # a summary write failed: write one at the next success
         self._thread = threading.Thread(target=self._loop, name="lrfluct-rundir", daemon=True)
         self._thread.start()
         _LIVE.add(self)
@@ -131,7 +157,8 @@ class Writer:
                         self._tb.close()
                     return
                 if self.failure is None:  # after a failure with log_errors="raise": discard
-                    self._write(item)
+                    self._write_window(item) if isinstance(item, WindowItem) else self._write(item)
+                    self._failing = False
             except BaseException as err:  # the thread must outlive any error
                 self._failed(err, item)
             finally:
@@ -139,16 +166,20 @@ class Writer:
 
     def _failed(self, err: BaseException, item) -> None:
         self.errors += 1
-        self._cut_tail = True
+        self._cut_tail = self._cut_windows = True
         if self.log_errors == "raise":
             self.failure = self.failure or err
             return
-        if self.errors == 1 or self.errors % 100 == 0:
+        if getattr(item, "summary", False):
+            self._summary_owed = True
+        if not self._failing:  # one warning per spell of failures (a full disk: not one per step)
+            self._failing = True
             step = getattr(item, "step", "?")
             warnings.warn(f"lrfluct_fast: writing step {step} to the run directory {self.path} "
-                          f"failed ({type(err).__name__}: {err}); training goes on and that "
-                          f"step's records are lost ({self.errors} failed writes so far; "
-                          f"log_errors='raise' stops training instead)", RuntimeWarning)
+                          f"failed ({type(err).__name__}: {err}); training goes on, the records "
+                          f"of the steps whose writes fail are lost, and the summary is written "
+                          f"again at the first write that succeeds (no more warnings until "
+                          f"then; log_errors='raise' stops training instead)", RuntimeWarning)
 
     def _write(self, item: Item) -> None:
         if item.event is not None:
@@ -163,10 +194,28 @@ class Writer:
                      for name, (track, mode) in self.specs.items()}
         if item.metrics:
             self._append_metrics(item.step, summaries)
-        if item.summary:
+        if item.summary or self._summary_owed:
             self._write_summary(item.step, summaries)
+            self._summary_owed = False
         if self._tb is not None:
             self._tb.flush()
+
+    def _write_window(self, item: WindowItem) -> None:
+        """One closed window: a record of float64 values appended to windows/<statistic>.f64
+        (files.WINDOW_HEAD, then each column of run.json's layout)."""
+        if item.event is not None:
+            item.event.synchronize()
+        layout = self.window_layouts[item.statistic]
+        if self._cut_windows:
+            for statistic, columns in self.window_layouts.items():
+                cut_window_records(self.path, statistic, columns)
+            self._cut_windows = False
+        modes = {name: mode for name, (_, mode) in self.specs.items()}
+        rows = windows.row_summaries(item.statistic, item.buffers, modes)
+        record = np.concatenate([np.array([item.step, item.first_step, item.last_step], "<f8")]
+                                + [np.asarray(rows[layer][key], "<f8").reshape(n)
+                                   for layer, key, n in layout])
+        _append(window_file(self.path, item.statistic), record.tobytes())
 
     def _append_metrics(self, step: int, summaries) -> None:
         values = {name: metrics.layer_metrics(s, **self.metric_options) for name, s in summaries.items()}
@@ -178,13 +227,7 @@ class Writer:
         if self._cut_tail:
             cut_partial_line(path, csv_header(self.columns))
             self._cut_tail = False
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND)  # no O_CREAT: a vanished file is an error
-        try:
-            data = memoryview(buf.getvalue().encode("utf-8"))
-            while data:
-                data = data[os.write(fd, data):]
-        finally:
-            os.close(fd)
+        _append(path, buf.getvalue().encode("utf-8"), create=False)  # a vanished file is an error
         if self.tensorboard:
             tb = self._tb_writer()
             for name, m in values.items():
@@ -193,11 +236,8 @@ class Writer:
 
     def _write_summary(self, step: int, summaries) -> None:
         arrays = {f"{name}/{key}": v for name, s in summaries.items() for key, v in s.items()}
-        sdir = os.path.join(self.path, SUMMARY_DIR)
-        tmp = os.path.join(sdir, f".step_{step:09d}.npz.tmp")
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, os.path.join(sdir, f"step_{step:09d}.npz"))
+        atomic_write(os.path.join(self.path, SUMMARY_DIR, f"step_{step:09d}.npz"),
+                     lambda f: np.savez(f, **arrays))
         if self.tensorboard:
             tb = self._tb_writer()
             for name, s in summaries.items():
@@ -212,6 +252,17 @@ class Writer:
             self._tb = summary_writer_class()(os.path.join(self.path, TB_DIR),
                                                purge_step=self.purge_step)
         return self._tb
+
+
+def _append(path: str, data: bytes, create: bool = True) -> None:
+    """`data` at the end of `path`, in as few writes as the system allows."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | (os.O_CREAT if create else 0), 0o644)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+    finally:
+        os.close(fd)
 
 
 _LIVE: "weakref.WeakSet[Writer]" = weakref.WeakSet()
