@@ -37,6 +37,9 @@ Options (keyword arguments of `instrument`; options.py checks each one's type an
   grad_scaler  the torch.amp.GradScaler of the training loop (None): dL/dz is recorded
                divided by its scale, and the gradient statistics of a step the scaler skips
                (inf/nan gradients) are dropped. Call mon.step() after scaler.update().
+  overlap_weights  True: step()'s weight update runs on a side CUDA stream, overlapping the
+               next forward; the next optimizer step, summaries, state_dict and windows wait
+               for it on the device (overlap.py). CUDA parameters only. Default False.
 
 Threads: summary(), metrics() and state_dict() may be called from any thread and return
 the statistics of one moment (reads.py: another thread's read is served at the training
@@ -66,6 +69,8 @@ from . import distributed, fsdp, metrics, ops, rundir, windows
 from . import options as options_
 from .layers import kind_of, parameter_kind, parameter_value
 from .nn import GradScale, LayerState, unwrap, wrap
+from . import overlap
+from .overlap import WeightStream
 from .reads import ConsistentReads
 
 _thread_id = threading.get_ident
@@ -97,6 +102,10 @@ class Monitor:
         self._reads = ConsistentReads()  # summary() and state_dict() from other threads
         # windows per statistic (windows.py): adds the whole-run totals to the states' buffers
         self._windows = windows.Windows(options["windows"], states) if options["windows"] else None
+        # overlap_weights: the weight update on a side CUDA stream (overlap.py)
+        self._weight_stream = None
+        if options.get("overlap_weights"):
+            self._weight_stream = WeightStream(next(iter(states.values())).device)
 
     def _states(self):
         return list(self.states.items())
@@ -108,9 +117,10 @@ class Monitor:
         self._check_live()
         if self.steps % self.options["every"] == 0:
             plan = self._plan if self._plan is not None and self._plan.valid() else self._new_plan()
-            values = plan.values + [_computed_value(m, st, role) for m, st, role in plan.computed]
-            if values:
-                ops.temporal_update(values, *plan.temporal)
+            if self._weight_stream is not None:
+                self._weight_stream.run(lambda: self._update_weights(plan))
+            else:
+                self._update_weights(plan)
         self.steps += 1
         if self._grad_scale is not None:
             self._commit_scaled_gradients()
@@ -122,11 +132,26 @@ class Monitor:
         if self._run is not None:
             self._run.after_step(self)
         if self._windows is not None:
+            if self._windows.closes_at(self.steps):
+                self.wait_for_weights()
             self._windows.after_step(self.steps, self._run.put_window if self._run is not None else None)
         reads = self._reads
         reads.training_thread = _thread_id()
         if reads.pending is not None:  # another thread waits for a step boundary to read at
             reads.serve(lambda: self._statistics(copy=True))
+
+    def _update_weights(self, plan: "_StepPlan") -> None:
+        values = plan.values + [_computed_value(m, st, role) for m, st, role in plan.computed]
+        if values:
+            ops.temporal_update(values, *plan.temporal)
+
+    def wait_for_weights(self) -> None:
+        """With overlap_weights=True: make the current CUDA stream wait for the last weight
+        update (no host synchronisation). Summaries, state_dict, windows and the next
+        optimizer step do it themselves; call it before writing parameters in place by other
+        means (model.load_state_dict, p.data edits). Without the option: nothing to wait for."""
+        if self._weight_stream is not None:
+            self._weight_stream.wait()
 
     def _new_plan(self) -> "_StepPlan":
         """Check every recorded parameter (placement, shape) and list what step() hands the
@@ -217,6 +242,7 @@ class Monitor:
     def _statistics(self, copy: bool):
         """The statistics buffers and the step count: the live tensors, or host copies."""
         take = (lambda t: t.to("cpu", copy=True)) if copy else (lambda t: t)
+        self.wait_for_weights()
         return ({name: {k: take(t) for k, t in st.buffers.items()} for name, st in self._states()},
                 self.steps)
 
@@ -262,6 +288,7 @@ class Monitor:
             raise ValueError("close_windows() needs windows: instrument(model, windows={...})")
         for statistic in statistics:
             options_.check_choice("statistic", statistic, tuple(self._windows.every))
+        self.wait_for_weights()
         self._windows.close_now(self.steps, self._run.put_window if self._run is not None else None,
                                 statistics)
 
@@ -354,6 +381,8 @@ class Monitor:
         finally:
             for m in self.layers.values():
                 unwrap(m)
+            if self._weight_stream is not None:
+                self._weight_stream.close()
             self._removed = True
 
     def _check_live(self) -> None:
@@ -526,6 +555,8 @@ def instrument(model: nn.Module, **options) -> Monitor:
             if owner is not st:
                 st.share_weight_state(owner)
     windows.check_sharded(opts["windows"] or {}, states)
+    if opts["overlap_weights"]:
+        overlap.check_device(next(iter(states.values())).device)
     for name in wrapped:  # every state is built: only now is the model touched
         wrap(layers[name], states[name])
     mon = Monitor(model, states, layers, skipped, opts, grad_scale)

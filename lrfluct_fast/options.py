@@ -18,7 +18,7 @@ from . import distributed, metrics, rundir, windows
 DEFAULTS = dict(activations=True, gradients=True, weights=True, biases=True, every=1,
                 weight_mode="element", dead_threshold=0.01, energy="weight",
                 log_dir=None, log_every=100, summary_every=1000, tensorboard=False,
-                log_errors="warn", grad_scaler=None, windows=None)
+                log_errors="warn", grad_scaler=None, windows=None, overlap_weights=False)
 
 WEIGHT_MODES = ("element", "neuron")
 LOG_ERRORS = ("warn", "raise")
@@ -96,7 +96,7 @@ def check(options: dict[str, Any]) -> dict[str, Any]:
         raise TypeError(f"instrument() got unknown options {sorted(unknown)}; "
                         f"known: {sorted(DEFAULTS)}")
     opts = {**DEFAULTS, **options}
-    for key in ("activations", "gradients", "weights", "biases", "tensorboard"):
+    for key in ("activations", "gradients", "weights", "biases", "tensorboard", "overlap_weights"):
         check_flag(key, opts[key])
     for key in ("every", "log_every", "summary_every"):
         check_count(key, opts[key])

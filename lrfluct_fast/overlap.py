@@ -20,11 +20,15 @@ from typing import Callable
 import torch
 
 
+def check_device(device: torch.device) -> None:
+    if device.type != "cuda":
+        raise ValueError(f"overlap_weights=True runs the weight update on a side CUDA stream: "
+                         f"the model's parameters must be on a CUDA device, got {device}")
+
+
 class WeightStream:
     def __init__(self, device: torch.device):
-        if device.type != "cuda":
-            raise ValueError(f"overlap_weights=True runs the weight update on a side CUDA stream: "
-                             f"the model's parameters must be on a CUDA device, got {device}")
+        check_device(device)
         self.device = device
         self.stream = torch.cuda.Stream(device)
         self.done: torch.cuda.Event | None = None

@@ -161,6 +161,10 @@ class Windows:
     def layers(self, statistic: str) -> list[str]:
         return [name for name, st in self.states.items() if st.track[statistic]]
 
+    def closes_at(self, steps: int) -> bool:
+        """Whether after_step(steps) closes a window."""
+        return any(steps % every == 0 for every in self.every.values())
+
     def after_step(self, steps: int, writer_put=None) -> None:
         """Close every window whose last step was step `steps` (Monitor.steps)."""
         for statistic, every in self.every.items():

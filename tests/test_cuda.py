@@ -104,3 +104,28 @@ def test_compiled_monitored_step_is_cuda_graphed():
     torch.cuda.synchronize()
     assert not counters["inductor"]["cudagraph_skips"], dict(counters["inductor"])
     np.testing.assert_array_equal(mon.summary()["0"]["activation.count"], 5 * 64)
+
+
+def test_overlap_weights_records_the_same():
+    # the weight update on a side stream, overlapping the next forward: the same statistics,
+    # and training the same parameters, as the update in line
+    runs = {}
+    for overlap in (False, True):
+        torch.manual_seed(0)
+        model = mlp().cuda()
+        mon = lf.instrument(model, overlap_weights=overlap)
+        opt = torch.optim.Adam(model.parameters(), 1e-2)
+        x = torch.randn(64, 37, device="cuda")
+        for _ in range(6):
+            opt.zero_grad()
+            model(x).square().mean().backward()
+            opt.step()
+            mon.step()
+        runs[overlap] = mon.summary(), [p.detach().clone() for p in model.parameters()]
+        mon.remove()
+    (plain, plain_params), (overlapped, over_params) = runs[False], runs[True]
+    for a, b in zip(plain_params, over_params):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    for layer, keys in plain.items():
+        for key, want in keys.items():
+            np.testing.assert_allclose(overlapped[layer][key], want, rtol=1e-6, err_msg=f"{layer} {key}")

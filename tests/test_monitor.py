@@ -592,6 +592,7 @@ BAD_OPTIONS = [  # (option, value, error): every option of instrument, each kind
     ("tensorboard", "yes", TypeError), ("tensorboard", 1, TypeError),
     ("log_errors", "ignore", ValueError), ("log_errors", None, TypeError),
     ("grad_scaler", "x", TypeError), ("windows", [1], TypeError),
+    ("overlap_weights", "yes", TypeError),
 ]
 
 
@@ -602,6 +603,13 @@ def test_bad_option_refused_naming_it(option, value, error):
     with pytest.raises(error, match=f"^{option} must be .*, got {re.escape(repr(value))}"):
         lf.instrument(model, **{option: value})
     assert type(model.fc1) is nn.Linear        # a refused call leaves the model alone
+
+
+def test_overlap_weights_needs_cuda_parameters():
+    model = build("mlp")
+    with pytest.raises(ValueError, match="overlap_weights=True .* CUDA device, got cpu"):
+        lf.instrument(model, overlap_weights=True)
+    assert type(model.fc1) is nn.Linear
 
 
 def test_every_option_has_a_refused_value():

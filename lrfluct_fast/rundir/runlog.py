@@ -119,6 +119,7 @@ class RunLog:
             self.log(monitor, want_metrics, want_summary)
 
     def log(self, monitor, want_metrics: bool, want_summary: bool) -> None:
+        monitor.wait_for_weights()  # overlap_weights: the update may still run on its stream
         # Every rank reaches here at the same steps (the all_gather is a collective).
         if want_summary:
             self.last_summary = self.step
