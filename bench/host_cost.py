@@ -17,6 +17,7 @@ Prints a markdown table; every number is measured in this run.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 import statistics
@@ -104,14 +105,25 @@ class _NoLaunch:
         return lambda *args, **kwargs: None
 
 
+@contextlib.contextmanager
+def _stubbed(module, *kernels):
+    """The named Triton kernels of `module` launch nothing inside the block."""
+    saved = [getattr(module, k) for k in kernels]
+    for k in kernels:
+        setattr(module, k, _NoLaunch())
+    try:
+        yield
+    finally:
+        for k, fn in zip(kernels, saved):
+            setattr(module, k, fn)
+
+
 def triton_launch_cost(repeats=20):
     """(first call, later calls) host seconds of ops.temporal_update_triton, kernels stubbed."""
     tu = importlib.import_module("lrfluct_fast.ops.temporal_update")
     if tu.triton is None:
         return None
-    kernels = tu._temporal_update_kernel, tu._count_call_kernel
-    tu._temporal_update_kernel = tu._count_call_kernel = _NoLaunch()
-    try:
+    with _stubbed(tu, "_temporal_update_kernel", "_count_call_kernel"):
         d, shapes = 1024, [(50257, 1024), (1024, 1024), (1024,), (1024,)]
         for _ in range(24):
             shapes += [(d,), (d,), (3 * d, d), (3 * d,), (d, d), (d,), (d,), (d,), (4 * d, d),
@@ -127,8 +139,6 @@ def triton_launch_cost(repeats=20):
             tu.temporal_update_triton(values, *state)
             times.append(time.perf_counter() - t)
         return first, statistics.median(times), len(values)
-    finally:
-        tu._temporal_update_kernel, tu._count_call_kernel = kernels
 
 
 def triton_layer_cost(repeats=200):
@@ -139,9 +149,7 @@ def triton_layer_cost(repeats=200):
     acc = importlib.import_module("lrfluct_fast.ops.accumulate_stats")
     if bs.triton is None:
         return None
-    kernels = bs._batch_stats_chunk_kernel, bs._batch_stats_combine_kernel
-    bs._batch_stats_chunk_kernel = bs._batch_stats_combine_kernel = _NoLaunch()
-    try:
+    with _stubbed(bs, "_batch_stats_chunk_kernel", "_batch_stats_combine_kernel"):
         z = torch.empty(4096, 1024)
         act = torch.zeros(3, 1024, dtype=torch.int64), torch.zeros(3, 1024, dtype=torch.float64)
         grad = torch.zeros(3, 1024, dtype=torch.int64), torch.zeros(3, 1024, dtype=torch.float64)
@@ -157,8 +165,6 @@ def triton_layer_cost(repeats=200):
             layer_step()
             times.append(time.perf_counter() - t)
         return statistics.median(times)
-    finally:
-        bs._batch_stats_chunk_kernel, bs._batch_stats_combine_kernel = kernels
 
 
 def main() -> None:

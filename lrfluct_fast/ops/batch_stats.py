@@ -87,7 +87,7 @@ def batch_stats_torch(x: torch.Tensor):
 
 
 if triton is not None:
-    from .merge_stats import _merge_into
+    from .merge_stats import _merge_batch_into, _merge_into
 
     @triton.jit
     def _pow2_scale_tl(magnitude, ACC: tl.constexpr):
@@ -226,13 +226,7 @@ if triton is not None:
             tl.store(Moments + N + cols, m2, mask=col_ok)
             tl.store(Moments + N + N + cols, shift, mask=col_ok)
         if PENDING:
-            _merge_into(IntoCounts, IntoMoments, N, cols, col_ok,
-                        tl.load(PendCounts + cols, mask=col_ok, other=0),
-                        tl.load(PendCounts + N + cols, mask=col_ok, other=0),
-                        tl.load(PendCounts + N + N + cols, mask=col_ok, other=0),
-                        tl.load(PendMoments + cols, mask=col_ok, other=0.0),
-                        tl.load(PendMoments + N + cols, mask=col_ok, other=0.0),
-                        tl.load(PendMoments + N + N + cols, mask=col_ok, other=0.0))
+            _merge_batch_into(IntoCounts, IntoMoments, PendCounts, PendMoments, N, cols, col_ok)
 
 
 def launch_batch_stats(x: torch.Tensor, counts: torch.Tensor, moments: torch.Tensor, *,

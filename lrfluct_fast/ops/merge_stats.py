@@ -79,6 +79,17 @@ if triton is not None:
         tl.store(Counts + nonfinite, tl.load(Counts + nonfinite, mask=ok) + nonfinite_b, mask=ok)
 
     @triton.jit
+    def _merge_batch_into(Counts, Moments, BatchCounts, BatchMoments, N, cols, ok):
+        """_merge_into with the batch's statistics of neurons `cols` read from [3, N] tensors."""
+        _merge_into(Counts, Moments, N, cols, ok,
+                    tl.load(BatchCounts + cols, mask=ok, other=0),
+                    tl.load(BatchCounts + N + cols, mask=ok, other=0),
+                    tl.load(BatchCounts + N + N + cols, mask=ok, other=0),
+                    tl.load(BatchMoments + cols, mask=ok, other=0.0),
+                    tl.load(BatchMoments + N + cols, mask=ok, other=0.0),
+                    tl.load(BatchMoments + N + N + cols, mask=ok, other=0.0))
+
+    @triton.jit
     def _merge_stats_kernel(
         Counts,        # [3, N] int64, updated in place: COUNT, POSITIVE, NONFINITE
         Moments,       # [3, N] float64, updated in place: MEAN, M2, SHIFT
@@ -88,13 +99,7 @@ if triton is not None:
     ):
         cols = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         ok = cols < N
-        _merge_into(Counts, Moments, N, cols, ok,
-                    tl.load(BatchCounts + cols, mask=ok, other=0),
-                    tl.load(BatchCounts + N + cols, mask=ok, other=0),
-                    tl.load(BatchCounts + N + N + cols, mask=ok, other=0),
-                    tl.load(BatchMoments + cols, mask=ok, other=0.0),
-                    tl.load(BatchMoments + N + cols, mask=ok, other=0.0),
-                    tl.load(BatchMoments + N + N + cols, mask=ok, other=0.0))
+        _merge_batch_into(Counts, Moments, BatchCounts, BatchMoments, N, cols, ok)
 
 
 def merge_stats_triton(counts, moments, batch_counts, batch_moments) -> None:
