@@ -75,13 +75,18 @@ def _float_input(x):
     return x.clone().requires_grad_() if x.is_floating_point() else x
 
 
-@pytest.mark.parametrize("case", list(LAYERS))
-def test_kind_equals_plain_and_float64_snapshot(case):
+def plain_and_wrapped(case, seed):
+    """A LAYERS case built twice, the second copy instrumented: (plain, wrapped, monitor, inputs)."""
     make, inputs = LAYERS[case]
-    torch.manual_seed(1)
+    torch.manual_seed(seed)
     plain = make()
     wrapped = copy.deepcopy(plain)
-    mon = lf.instrument(wrapped)
+    return plain, wrapped, lf.instrument(wrapped), inputs
+
+
+@pytest.mark.parametrize("case", list(LAYERS))
+def test_kind_equals_plain_and_float64_snapshot(case):
+    plain, wrapped, mon, inputs = plain_and_wrapped(case, seed=1)
     ref = HookSnapshot(plain)
     assert list(mon.layers) == [""] and mon.coverage()["fraction"] == 1.0
     g = torch.Generator().manual_seed(2)
@@ -106,11 +111,7 @@ def test_kind_equals_plain_and_float64_snapshot(case):
 
 @pytest.mark.parametrize("case", ["linear", "conv2d_groups", "conv1d_unbatched"])
 def test_nonfinite_upstream_gradient_gives_torchs_grads_and_is_counted(case):
-    make, inputs = LAYERS[case]
-    torch.manual_seed(14)
-    plain = make()
-    wrapped = copy.deepcopy(plain)
-    mon = lf.instrument(wrapped)
+    plain, wrapped, mon, inputs = plain_and_wrapped(case, seed=14)
     x = inputs(torch.Generator().manual_seed(3))
     g = torch.randn_like(plain(x))
     j = 2                                     # one value of neuron j's dL/dz is nan
