@@ -71,7 +71,7 @@ def hf_trainer(tmp_path, callback, trainer_class=None, **args):
         "logging_steps": 1, "save_strategy": "no", "report_to": "none", "use_cpu": True,
         "disable_tqdm": True, "seed": 0, **args})
     return (trainer_class or transformers.Trainer)(model=model, args=args, train_dataset=TokenData(),
-                                                   callbacks=[callback])
+                                                   callbacks=[callback])  # after report_to's
 
 
 def hf_callback(**options):
@@ -123,11 +123,34 @@ def test_hf_trainer_run_checkpoint_and_resume(tmp_path):
 
 
 def test_hf_gradient_accumulation_counts_optimizer_steps_and_removes(tmp_path):
-    callback = hf_callback()
-    trainer = hf_trainer(tmp_path, callback, max_steps=2, gradient_accumulation_steps=2)
+    """2 optimizer steps of 2 micro-batches; the callback put first, ahead of the callbacks
+    the Trainer runs before the ones it is given (report_to's loggers), hands them its metrics."""
+    transformers = pytest.importorskip("transformers")
+
+    class Reporter(transformers.TrainerCallback):
+        def __init__(self):
+            self.logs = []
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            self.logs.append(dict(logs))
+
+    callback, reporter = hf_callback(keep=True), Reporter()
+    trainer = hf_trainer(tmp_path, reporter, max_steps=2, gradient_accumulation_steps=2)
+    trainer.callback_handler.callbacks.insert(0, callback)
     trainer.train()
-    assert trainer.state.global_step == 2 and callback.monitor.steps == 2
-    assert not wrapped(trainer.model)  # removed at train end
+    mon = callback.monitor
+    assert trainer.state.global_step == 2 and mon.steps == 2
+    c_fc = mon.summary()["transformer.h.0.mlp.c_fc"]
+    assert c_fc["steps"] == 2 and (c_fc["activation.count"] == 4 * ROWS * SEQ).all()  # 4 micro-batches
+    assert [("lrfluct/lm_head/participation_ratio" in logs) for logs in reporter.logs] == [True, True, False]
+    mon.remove()
+
+
+def test_hf_removes_the_wrappers_at_train_end(tmp_path):
+    callback = hf_callback()
+    trainer = hf_trainer(tmp_path, callback, max_steps=1)
+    trainer.train()
+    assert not wrapped(trainer.model)
     with pytest.raises(RuntimeError, match="removed"):
         callback.monitor.summary()
 
@@ -236,6 +259,7 @@ def test_lightning_fit_checkpoint_and_resume(tmp_path):
     assert logged_steps(run_dir) == [1, 2, 3, 4]
 
 
+@pytest.mark.filterwarnings("ignore:`training_step` returned `None`")
 def test_lightning_accumulation_and_skipped_step(tmp_path):
     """accumulate_grad_batches=2 on batches of one row: a monitor step every 2 batches.
     training_step returns None through step 2 (no backward: Lightning still counts the step):
