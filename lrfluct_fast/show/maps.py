@@ -2,8 +2,8 @@
 
 A map's records (summaries or closed windows, [T, N]) are resampled onto a uniform grid of
 at most COLUMNS steps (each record covers the steps since the previous one) and ROWS neuron
-bins (the mean of each bin), coloured by log10 of the value; zeros and non-finite values are
-grey.
+bins (the mean of each bin), coloured by log10 of the value; zeros are white (a neuron that
+did not move in a window has spread 0) and missing or non-finite values grey.
 """
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from matplotlib.image import imsave
 
 COLUMNS, ROWS = 200, 128
 CMAP = colormaps["viridis"].with_extremes(bad="#d9d9d9")
+ZERO = (255, 255, 255, 255)
 
 
 def resampled(steps: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, tuple[int, int]]:
@@ -39,8 +40,10 @@ def resampled(steps: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, tuple[
 
 
 def log10(values: np.ndarray) -> np.ndarray:
+    """log10 of the values: -inf for 0, nan for what is negative or not finite."""
     positive = np.isfinite(values) & (values > 0)
-    return np.where(positive, np.log10(np.where(positive, values, 1.0)), np.nan)
+    logs = np.log10(np.where(positive, values, 1.0))
+    return np.where(positive, logs, np.where(values == 0, -np.inf, np.nan))
 
 
 def scale(grids) -> tuple[float, float]:
@@ -54,7 +57,9 @@ def scale(grids) -> tuple[float, float]:
 
 def image(grid: np.ndarray, lo: float, hi: float) -> str:
     """A log10 grid as a PNG data URI, neuron 0 at the bottom."""
-    rgba = CMAP(np.ma.masked_invalid((grid[::-1] - lo) / (hi - lo)), bytes=True)
+    grid = grid[::-1]
+    rgba = CMAP(np.ma.masked_invalid((grid - lo) / (hi - lo)), bytes=True)
+    rgba[grid == -np.inf] = ZERO
     buf = io.BytesIO()
     imsave(buf, rgba, format="png")
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")

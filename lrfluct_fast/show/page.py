@@ -36,7 +36,7 @@ details{margin:4px 0 8px}summary{cursor:pointer;font-weight:600;font-size:13.5px
 .grid{display:grid;grid-template-columns:repeat(auto-fill,212px);gap:4px 10px;margin:4px 0}
 .wide{grid-template-columns:repeat(auto-fill,440px)}
 figure{margin:0}figcaption{font-size:11px;white-space:nowrap;overflow:hidden;text-overflow:ellipsis;color:#2c3440}
-figure img{display:block;width:200px;height:90px;image-rendering:pixelated;margin-left:6px}
+figure img{display:block;width:200px;height:90px;image-rendering:pixelated;margin-left:6px;outline:1px solid #cfd4da}
 .ax{display:flex;justify-content:space-between;font-size:9.5px;color:#5a6372;width:200px;margin-left:6px}
 .bar{display:inline-block;width:220px;height:10px;vertical-align:middle;margin:0 6px;border-radius:2px}
 .key{font-size:12px;color:#2c3440;margin:2px 0}.key span.sw{display:inline-block;width:14px;height:3px;vertical-align:middle;margin:0 4px 0 10px}
@@ -144,7 +144,7 @@ def _map_grid(run, quantity: str, records: content.Maps) -> str:
               for layer, (_, (first, last)) in grids.items()]
     bar = (f'<p class="key">{escape(quantity)}: {lines.fmt(10 ** lo)}<span class="bar" '
            f'style="background:{maps.gradient_css()}"></span>{lines.fmt(10 ** hi)} (log scale; '
-           f"grey: zero or none)</p>")
+           f"white: zero, grey: no value)</p>")
     return bar + _grid(panels)
 
 
