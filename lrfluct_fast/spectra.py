@@ -21,7 +21,8 @@ MultiheadAttention's in-projection, ...) with such a weight. Layers that cannot 
 are listed in `tracker.skipped` as (name, reason): 1-D weights (norms, biases), empty
 weights, weights that are not real floating point, weights sharded as DTensors (FSDP2,
 tensor parallel: the spectrum needs the whole matrix, gathered across ranks, which this
-module does not do), and a second name of a tied weight. Naming such a layer in `layers=` raises instead.
+module does not do), and a second name of a tied weight. Naming such a layer in `layers=`
+raises instead.
 
 Power iteration (SpectraTracker.step): per layer, v (fan_in) is kept on the weight's device
 in float32 (float64 for a float64 weight); one step computes u = W v / ||W v||,
@@ -136,7 +137,8 @@ def spectral_summary(weight: torch.Tensor) -> dict[str, float]:
 
 
 def _summary_of_finite(matrix: torch.Tensor) -> dict[str, float]:
-    s = torch.linalg.svdvals(matrix.detach().to(torch.float64)).cpu().numpy()
+    tall = matrix if matrix.shape[0] >= matrix.shape[1] else matrix.mT  # 2x faster on CPU
+    s = torch.linalg.svdvals(tall.detach().to(torch.float64)).cpu().numpy()
     top = float(s[0])
     eps = torch.finfo(_vector_dtype(matrix.dtype)).eps
     nonzero = s[s > top * max(matrix.shape) * eps]

@@ -49,7 +49,7 @@ def _layers_model():
 
 # -- the tracker's power iteration ---------------------------------------------------------
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 def test_tracker_converges_to_svdvals(dtype):
     model = _layers_model().to(dtype)
     tracker = SpectraTracker(model)
@@ -64,7 +64,9 @@ def test_tracker_converges_to_svdvals(dtype):
     got = tracker.top_singular()
     for name in want:
         assert abs(got[name] / want[name] - 1) < 1e-4, (name, got[name], want[name])
-        assert tracker._layers[name].v.dtype == dtype  # float32 vectors, float64 for float64
+        # float32 vectors, float64 for a float64 weight
+        vector_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+        assert tracker._layers[name].v.dtype == vector_dtype
     assert len(tracker.history["fc/top_singular"]) == 2000
 
 
