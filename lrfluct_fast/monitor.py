@@ -40,6 +40,11 @@ Options (keyword arguments of `instrument`; options.py checks each one's type an
   overlap_weights  True: step()'s weight update runs on a side CUDA stream, overlapping the
                next forward; the next optimizer step, summaries, state_dict and windows wait
                for it on the device (overlap.py). CUDA parameters only. Default False.
+  drift        True: summaries gain "weight.drift" (each neuron's L2 distance from its weights
+               at the first observed step) and "weight.update_size" (the mean L2 norm of its
+               weights' change per observed step); see drift.py for reset, every, windows,
+               resume and FSDP. Two weight-sized copies of state and about three extra reads
+               of the weights per observed step. Default False.
 
 Threads: summary(), metrics() and state_dict() may be called from any thread and return
 the statistics of one moment (reads.py: another thread's read is served at the training
