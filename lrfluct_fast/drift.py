@@ -17,7 +17,8 @@ float32 and bf16 weights), "drift.update_sum" (float64 [N]) and "drift.tally" (i
 the observed steps). The per-step pass (`DriftStep`) reads each weight once with multi-tensor
 ops: prev -= w, one row-norm per layer, update_sum += norms, prev = w. "first" is read only when
 a summary is taken (`per_neuron`), which turns the state into the two [N] keys on its device:
-summaries and run-directory snapshots stay O(neurons).
+summaries and run-directory snapshots stay O(neurons). A tied weight (GPT-2's wte and
+lm_head) has its copies in each of its layers, whose neurons differ (columns and rows).
 
 Whole run only: window rows (windows.py) do not carry these keys (a window's drift would need
 another weight-sized copy per window). Not supported, refused at instrument: weights sharded
@@ -75,8 +76,6 @@ class DriftStep:
     def update(self, values: list[torch.Tensor], started: bool) -> None:
         """Record this observed step's weights `values` (one per state, in order); `started`:
         whether the first weights were taken (host side: the Monitor's count of observed steps)."""
-        if not self.prev:
-            return
         if not started:
             torch._foreach_copy_(self.first, values)
         else:

@@ -37,10 +37,25 @@ class Kinds(nn.Module):
         return self.head(torch.tanh(self.up(self.emb(ids).transpose(1, 2))).flatten(1))
 
 
+class Tied(nn.Module):
+    """A head tied to the embedding (one weight, two layers' neurons: its columns and its
+    rows) and a parameter of the model itself (tracked alone). Input: token ids [B, 6]."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(11, 4)
+        self.head = nn.Linear(4, 11, bias=False)
+        self.head.weight = self.emb.weight
+        self.gain = nn.Parameter(torch.ones(4))
+
+    def forward(self, ids):
+        return self.head(self.emb(ids) * self.gain)
+
+
 def _setup(name, **options):
-    if name == "kinds":
+    if name in ("kinds", "tied"):
         torch.manual_seed(0)
-        model = Kinds()
+        model = Kinds() if name == "kinds" else Tied()
         g = torch.Generator().manual_seed(5)
         data = [torch.randint(0, 11, (5, 6), generator=g) for _ in range(8)]
     else:
@@ -83,7 +98,7 @@ def _assert_matches(summary, reference):
                                    err_msg=name)
 
 
-@pytest.mark.parametrize("name", ["mlp", "cnn", "block", "kinds"])
+@pytest.mark.parametrize("name", ["mlp", "cnn", "block", "kinds", "tied"])
 @pytest.mark.parametrize("weight_mode", ["element", "neuron"])
 def test_matches_float64_reference(name, weight_mode):
     model, opt, mon, data = _setup(name, drift=True, weight_mode=weight_mode)
