@@ -226,3 +226,18 @@ def test_run_directory_summaries_carry_them_and_snapshots_stay_per_neuron(tmp_pa
 def test_drift_needs_the_weights():
     with pytest.raises(ValueError, match="drift=True .* needs weights=True"):
         lf.instrument(build("mlp"), drift=True, weights=False)
+
+
+def test_run_directory_resumed_with_drift_switched_on(tmp_path):
+    model, opt, mon, data = _setup("mlp", log_dir=tmp_path / "run", summary_every=2)
+    _train(model, opt, mon, data[:2])
+    saved = mon.state_dict()
+    mon.remove()
+    mon = lf.instrument(model, drift=True, log_dir=tmp_path / "run", summary_every=2)
+    with pytest.warns(RuntimeWarning, match="no drift state"):
+        mon.load_state_dict(saved)
+    _train(model, opt, mon, data[2:4])
+    mon.close()
+    summaries = dict(lf.load_run(tmp_path / "run").summaries)
+    assert sorted(summaries) == [2, 4]
+    assert "weight.drift" not in summaries[2]["fc1"] and np.isfinite(summaries[4]["fc1"]["weight.drift"]).all()
