@@ -2,9 +2,11 @@
 
     python bench/host_cost.py
 
-- fixed cost per layer: 8 x Linear(16, 16) at batch 4, one thread; the instrumented training
-  step's time minus the plain twin's, over 8 layers (forward + backward + its share of
-  Monitor.step), medians of interleaved repeats;
+- fixed cost per layer: 8 x Linear(16, 16) at batch 4, one thread (and once more with every
+  core: a kernel that opened an OpenMP region for such tiny work waited milliseconds for a
+  core another process held); the instrumented training step's time minus the plain twin's,
+  over 8 layers (forward + backward + its share of Monitor.step), medians of interleaved
+  repeats;
 - Monitor.step per parameter tensor: GPT-2-medium's parameter list (24 blocks: 2 LayerNorms,
   qkv, proj, fc1, fc2 with biases; embeddings, final LayerNorm, head) at width 8, so the
   update itself moves next to nothing;
@@ -168,6 +170,9 @@ def triton_layer_cost(repeats=200):
 
 
 def main() -> None:
+    cores = os.cpu_count() or 1
+    torch.set_num_threads(cores)
+    _, i_all, per_layer_all = fixed_cost_per_layer()
     torch.set_num_threads(1)
     p, i, per_layer = fixed_cost_per_layer()
     step, tensors = step_cost_per_tensor()
@@ -177,6 +182,8 @@ def main() -> None:
     print(f"| 8 x Linear(16, 16), batch 4: plain step | {p * 1e6:.1f} us |")
     print(f"| same, instrumented | {i * 1e6:.1f} us |")
     print(f"| fixed cost per monitored layer per step | {per_layer * 1e6:.1f} us |")
+    print(f"| same with {cores} threads (torch's default): instrumented step, fixed cost per layer "
+          f"| {i_all * 1e6:.1f} us, {per_layer_all * 1e6:.1f} us |")
     print(f"| Monitor.step, GPT-2-medium's {tensors} parameter tensors at width 8 | {step * 1e6:.0f} us |")
     print(f"| Monitor.step per parameter tensor | {step / tensors * 1e6:.2f} us |")
     launch = triton_launch_cost()

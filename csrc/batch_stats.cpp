@@ -189,7 +189,8 @@ void accumulate_runs(const scalar_t* x, const Layout& at_, int64_t b0, int64_t b
 
 template <typename scalar_t>
 void first_finite(const scalar_t* x, const Layout& at_, double* shift) {
-  at::parallel_for(0, at_.N, 1024, [&](int64_t j0, int64_t j1) {
+  const int64_t grain = at_.R * at_.N < kMinParallelElements ? at_.N : 1024;
+  at::parallel_for(0, at_.N, grain, [&](int64_t j0, int64_t j1) {
     for (int64_t j = j0; j < j1; ++j) {
       shift[j] = 0.0;
       for (int64_t r = 0; r < at_.R; ++r) {
@@ -237,7 +238,7 @@ void batch_stats_kernel(const scalar_t* x, const Layout& at_, int64_t* counts, d
 
   // Tasks: (row chunk x column block). Rows [R, N]: chunks of rows. Runs [B, N, S]: chunks of
   // whole batches (a run is contiguous whatever the column block).
-  const int64_t want_tasks = 2 * at::get_num_threads();
+  const int64_t want_tasks = R * N < kMinParallelElements ? 1 : 2 * at::get_num_threads();
   const int64_t units = S == 1 ? R : R / S, min_unit = S == 1 ? 256 : (256 + S - 1) / S;
   const int64_t wide_blocks = S == 1 ? (N + kBlockCols - 1) / kBlockCols : 1;
   const int64_t row_chunks = std::max<int64_t>(1, std::min<int64_t>(
@@ -263,7 +264,7 @@ void batch_stats_kernel(const scalar_t* x, const Layout& at_, int64_t* counts, d
     }
   });
 
-  at::parallel_for(0, N, 2048, [&](int64_t j0, int64_t j1) {
+  at::parallel_for(0, N, R * N < kMinParallelElements ? N : 2048, [&](int64_t j0, int64_t j1) {
     for (int64_t j = j0; j < j1; ++j) {
       double s1 = 0, s2 = 0, n = 0, pos = 0;
       for (int64_t c = 0; c < row_chunks; ++c) {

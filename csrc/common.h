@@ -10,6 +10,12 @@
 
 namespace lrfluct {
 
+// Below this many elements a kernel runs on the calling thread: an OpenMP region costs a few
+// microseconds on an idle machine, and milliseconds when another process holds a core the
+// region waits for (measured: a 2-thread step of 8 x Linear(16, 16) took 8 ms instead of
+// 0.5 ms with the other core busy).
+constexpr int64_t kMinParallelElements = int64_t(1) << 16;
+
 // Rows of the packed statistics (lrfluct_fast/ops/_library.py).
 constexpr int64_t kCount = 0, kPositive = 1, kNonfinite = 2;
 // moments rows: mean of (x - shift), M2, shift (the first finite value seen)

@@ -168,7 +168,10 @@ void temporal_update_cpu(at::TensorList values, at::TensorList tallies, at::Tens
     for (int64_t e = 0; e < values[i].numel(); e += kChunk) tasks.emplace_back(i, e);
   }
   std::vector<Moved> task_moved(tasks.size());
-  at::parallel_for(0, static_cast<int64_t>(tasks.size()), 1, [&](int64_t t0, int64_t t1) {
+  int64_t elements = 0;
+  for (const at::Tensor& v : contiguous_values) elements += v.numel();
+  const int64_t n_tasks = static_cast<int64_t>(tasks.size());
+  at::parallel_for(0, n_tasks, elements < kMinParallelElements ? n_tasks : 1, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t i = tasks[t].first, e0 = tasks[t].second;
       const at::Tensor& v = contiguous_values[i];
