@@ -7,7 +7,9 @@ write files or plot.
 
 Loop: Adam (default: the usual choice for a small PyTorch autoencoder, and plain SGD at
 1e-4 barely moves in a short window; `optimizer="sgd"` for plain SGD) on the mean squared
-reconstruction error, mini-batches of `batch_size` in an order reshuffled every epoch from `seed`;
+reconstruction error, mini-batches of `batch_size` in an order reshuffled every epoch from `seed`
+(`batch_size` >= the number of images: one full batch per step, so SGD is full-batch gradient
+descent);
 `monitor.step()` after every optimizer step. Statistics windows of `window` epochs (default
 1, so each history row is one epoch's fluctuations: a weight's temporal std over that
 epoch's steps, activations and gradients of that epoch's forwards); the last window is also
@@ -20,7 +22,7 @@ Evaluation forwards (test loss every epoch, reconstructions) run in eval mode un
 no_grad, so a monitor following DESIGN's counting rules does not count them.
 
 Result keys (N = a layer's neurons, W = windows, E = epochs):
-  lr, epochs, steps_per_epoch, wall_s                      scalars
+  lr, seed, epochs, steps_per_epoch, wall_s                scalars
   layers, relu_layers                                      layer names (str arrays)
   history/epoch, history/train_loss, history/test_loss     [E] (train loss: mean over the
                                                            epoch's batches, in training)
@@ -198,6 +200,7 @@ def train_autoencoder(model: nn.Module, train_images: torch.Tensor, test_images:
 
     out: dict[str, np.ndarray] = {
         "lr": np.float64(lr),
+        "seed": np.int64(seed),
         "epochs": np.int64(epochs),
         "steps_per_epoch": np.int64(steps_per_epoch),
         "wall_s": np.float64(wall),
