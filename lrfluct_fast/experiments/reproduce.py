@@ -1,30 +1,37 @@
 """`lrfluct reproduce`: the learning-rate experiment of arXiv 2511.10435, end to end.
 
 Owns the command's options, their validation, the output folder (config, resume, atomic
-per-lr results) and the order of the work: data -> one model per lr -> figures -> report.
-Training, figures and the report belong to train.py, plots.py and report.py.
+per-(seed, lr) results) and the order of the work: per seed, data -> one model per lr; then
+figures -> report. Training, figures, the report and the over-seeds convention belong to
+train.py, plots.py, report.py and seeds.py.
 
 The experiment: an autoencoder trained on the eight-shapes dataset at learning rates
-1e-2, 1e-3, 1e-4 (same seed, same initial weights, same batch order for each), every
-Linear / Conv2d layer monitored (activations, gradients, weight and bias fluctuations);
-the report compares the spread of the spread and the participating neurons with the
-reconstruction quality.
+1e-2, 1e-3, 1e-4, once per seed (`--seeds`; a seed fixes the images, the initial weights and
+the batch order, so within a seed every lr starts from the same weights and sees the same
+batches), every Linear / Conv2d layer monitored (activations, gradients, weight and bias
+fluctuations); the report compares the spread of the spread and the participating neurons
+with the reconstruction quality, as mean and spread over the seeds, and says for which seeds
+each of the paper's claims holds.
 
 Defaults, chosen where the paper's text was not available, all options:
   data       1024 training + 256 test images, 32 x 32 (shapes.py for the generator)
   model      MLP autoencoder 1024-256-64-16-64-256-1024, ReLU hidden, sigmoid output
-  training   Adam, batch 64, MSE; 150 epochs so the default run takes about 2-3 minutes
-             on 2 CPU cores (the paper's window is 1000 epochs: `--epochs 1000`)
+  training   Adam, batch 64 (`--full-batch`: all images per step; with `--optimizer sgd`
+             that is full-batch gradient descent), MSE; 150 epochs so the default run takes
+             about 1-2 minutes per seed on 2 CPU cores (the paper's window is 1000 epochs:
+             `--epochs 1000`)
+  seeds      DEFAULT_SEEDS below; `--seed S` is the deprecated spelling of `--seeds S`
   statistics per-epoch windows (`--window 1`); the report uses the last one
   monitor    `fused` = lrfluct_fast.instrument; `hooks` = the hook-based baseline
   device     cpu (the model is small; `--device cuda` when wanted), one torch thread
              (`--threads`: with 2 cores shared with other work, 2 threads ran a step
              10x slower than 1 in our measurements; 1 costs little on an idle machine)
 
-Output folder (`--out`, default runs/reproduce): config.json, lr_<lr>.npz per learning rate
-(written atomically as soon as that lr finishes; keys in train.py), five PNGs and
-report.md. Re-running with the same config skips the lrs already saved; a different config
-is refused unless `--overwrite`, which deletes this command's files (and only those) first.
+Output folder (`--out`, default runs/reproduce): config.json (with the seeds),
+lr_<lr>_seed<s>.npz per learning rate and seed (written atomically as soon as that pair
+finishes; keys in train.py), five PNGs and report.md. Re-running with the same config skips
+the pairs already saved; a different config (other seeds included) is refused unless
+`--overwrite`, which deletes this command's files (and only those) first.
 """
 from __future__ import annotations
 
