@@ -3,7 +3,7 @@
 Owns the five figures `reproduce` writes; reads only the result mappings of
 `train.train_autoencoder` by seed and lr (as loaded from the npz files) and writes PNGs
 atomically. Every curve or point is the mean over the seeds, with a shaded band or error bars
-showing seeds.py's spread (± std from 3 seeds, min–max for 2, none for 1). The per-layer
+from the lowest to the highest seed (seeds.py). The per-layer
 numbers plotted against lr are report.layer_rows_over_seeds', the same as report.md's table.
 It uses matplotlib's object API with the Agg canvas, so it never touches pyplot's global
 backend or state.
@@ -65,13 +65,14 @@ def _layers(by_seed: BySeed) -> list[str]:
 
 
 def _curve(ax, x, per_seed: list[np.ndarray], color, label: str, **line) -> None:
-    """The seed mean of per_seed curves (nan-aware), with the seeds' band shaded."""
+    """The seed mean of per_seed curves (nan-aware), with the seeds' range shaded."""
     stats = [over_seeds(column) for column in np.stack(per_seed, axis=1)]
     mean = np.array([o.mean for o in stats])
     ax.plot(x, mean, color=color, label=label, **line)
     if len(per_seed) > 1:
-        lo, hi = np.array([o.band for o in stats]).T
-        ax.fill_between(x, lo, hi, color=color, alpha=0.18, lw=0)
+        lo, hi = np.array([(o.lo, o.hi) for o in stats]).T
+        # the curves are positive quantities on log axes: a zero cannot be drawn there
+        ax.fill_between(x, lo, hi, where=lo > 0, color=color, alpha=0.18, lw=0)
 
 
 def _colors(lrs):
@@ -132,8 +133,8 @@ def fluctuations(by_seed: BySeed, path: str) -> None:
                 ax.set_xlabel("epoch", fontsize=8)
     axes[0, 0].legend(fontsize=6, ncol=2)
     fig.suptitle("fluctuations over training, per window: mean over neurons of spread_j "
-                 "(solid) and its std over neurons, the spread of the spread (dashed); "
-                 f"mean over {len(by_seed)} seed(s), band: their spread", fontsize=9)
+                 "(solid) and its std over neurons, the spread of the spread (dashed)\n"
+                 f"mean over {len(by_seed)} seed(s), band: their range", fontsize=9)
     fig.tight_layout()
     _save(fig, path)
 
@@ -145,7 +146,7 @@ def _per_layer_vs_lr(ax, by_seed: BySeed, layers, key: str, ylabel: str, log: bo
         pts = sorted((x["lr"], x[key]) for x in rows if x["layer"] == layer)
         lrs = [p[0] for p in pts]
         mean = np.array([p[1].mean for p in pts])
-        lo, hi = np.array([p[1].band for p in pts]).T
+        lo, hi = np.array([(p[1].lo, p[1].hi) for p in pts]).T
         ax.errorbar(lrs, mean, yerr=(mean - lo, hi - mean) if len(by_seed) > 1 else None,
                     marker="o", lw=1, capsize=2, label=layer,
                     color=f"C{every_layer.index(layer) % 10}")
@@ -167,7 +168,7 @@ def spread_vs_lr(by_seed: BySeed, path: str) -> None:
                      "spread of the spread (biases)")
     axes[0].legend(fontsize=7)
     fig.suptitle("final-window fluctuations per layer vs learning rate (seed mean, bars: "
-                 "their spread)", fontsize=9)
+                 "their range)", fontsize=9)
     fig.tight_layout()
     _save(fig, path)
 
@@ -185,7 +186,7 @@ def participation_vs_lr(by_seed: BySeed, path: str) -> None:
     axes[0].legend(fontsize=7)
     axes[1].legend(fontsize=7)
     fig.suptitle("participating neurons vs learning rate (final window, seed mean, bars: their "
-                 "spread; dead/active: ReLU layers)", fontsize=9)
+                 "range; dead/active: ReLU layers)", fontsize=9)
     fig.tight_layout()
     _save(fig, path)
 
@@ -206,7 +207,7 @@ def loss(by_seed: BySeed, path: str) -> None:
     ax.set_ylabel("reconstruction MSE")
     ax.legend(fontsize=7, ncol=2)
     ax.set_title(f"reconstruction loss over training (mean over {len(by_seed)} seed(s), "
-                 f"band: their spread)", fontsize=9)
+                 f"band: their range)", fontsize=9)
     fig.tight_layout()
     _save(fig, path)
 

@@ -289,7 +289,8 @@ def render(by_seed: BySeed, config: Mapping) -> str:
         layer_tab,
         "## Comparison with the paper",
         "\n".join(f"- {s}" for s in comparison(by_seed, int(config["epochs"]))),
-        f"Figures (the seed mean, shaded or with error bars by the spread above): {figures}.",
+        f"Figures (the seed mean, with the range over the seeds shaded or as error bars): "
+        f"{figures}.",
         "## Command and config",
         f"```\n{command_line(config)}\n```",
         f"```json\n{json.dumps(dict(config), indent=2)}\n```",

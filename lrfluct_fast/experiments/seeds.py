@@ -3,10 +3,14 @@
 Owns how the values of one quantity from several seeds are summarised and how a claim
 checked per seed is summed up; knows nothing of which quantities or claims there are.
 
-A quantity: its mean over the seeds, with a spread that depends on how many seeds there are,
-  3 or more  the sample standard deviation (ddof=1): "mean ± std"; band mean - std .. mean + std
-  2          the range: "mean (min–max)"; band min .. max (a std of two values says no more)
-  1          the value alone; no band
+A quantity in the report: its mean over the seeds, with a spread that depends on how many
+seeds there are,
+  3 or more  the sample standard deviation (ddof=1): "mean ± std"
+  2          the range: "mean (min–max)" (a std of two values says no more than the range)
+  1          the value alone
+In the figures: the mean, with the range min..max over the seeds as a band or error bars
+(whatever the number of seeds: it stays within the data, so on the log axes too, where
+mean - std of a positive quantity can fall below zero).
 A nan value (the quantity is undefined for that seed, e.g. a participation ratio with no
 fluctuation) is left out, and the text says over how many seeds the rest was taken.
 A claim: per seed True, False or None (cannot tell); summed up as holding for every seed,
@@ -43,13 +47,6 @@ class OverSeeds:
     @property
     def hi(self) -> float:
         return float(max(self.values)) if self.values else float("nan")
-
-    @property
-    def band(self) -> tuple[float, float]:
-        """The interval figures shade: mean ± std from 3 values, min..max for 2, the value for 1."""
-        if len(self.values) >= 3:
-            return self.mean - self.std, self.mean + self.std
-        return self.lo, self.hi
 
     def text(self, fmt: Callable[[float], str]) -> str:
         n = len(self.values)
