@@ -11,6 +11,11 @@ fi
 # triton 3.6 (the GPU machines' version) beside the installed one, for the sm_90 compile test
 "$PY" -m pip install -q --no-deps --upgrade --target .triton-3.6 "triton==3.6.0" \
   || echo "install.sh: triton 3.6 not installed; its compile test will skip"
-# --no-build-isolation: build the C++ extension against the torch installed above.
-"$PY" -m pip install -q --no-build-isolation -e ".[test]"
+# --no-build-isolation: build the C++ extension against the torch installed above. The test
+# extras (transformers, accelerate, lightning) must not replace that torch: a constraint pins it
+# (pip then stops with an error rather than install another).
+TORCH_PIN=$(mktemp)
+trap 'rm -f "$TORCH_PIN"' EXIT
+"$PY" -c "import torch; print('torch==' + torch.__version__)" > "$TORCH_PIN"
+"$PY" -m pip install -q --no-build-isolation -c "$TORCH_PIN" -e ".[test]"
 "$PY" -m lrfluct_fast.cli info

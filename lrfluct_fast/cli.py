@@ -14,6 +14,7 @@ COMMANDS = {
     "info": ("lrfluct_fast.info", "version, backend, torch version and threads"),
     "reproduce": ("lrfluct_fast.experiments.reproduce", "the paper's learning-rate experiment"),
     "bench": ("lrfluct_fast.benchmark.command", "lrfluct against hook-based capture, interleaved"),
+    "show": ("lrfluct_fast.show.command", "an HTML page of a run directory (figures inline)"),
 }
 
 

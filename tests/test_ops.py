@@ -112,10 +112,14 @@ def test_batch_stats_noncontiguous(backend):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
-@pytest.mark.parametrize("shape", [(3, 7, 11), (1, 5, 1), (2, 0, 3), (0, 4, 5), (5, 33, 70)], ids=str)
-def test_batch_stats_neurons_in_the_middle(backend, dtype, shape):
-    # [B, N, S]: a conv output's channels, read in place (no movedim copy on the GPU)
-    x = make_data((shape[0] * shape[2], shape[1]), dtype, "nonfinite", seed=4)
+@pytest.mark.parametrize("shape,kind", [((3, 7, 11), "nonfinite"), ((1, 5, 1), "nonfinite"),
+                                        ((2, 0, 3), "nonfinite"), ((0, 4, 5), "nonfinite"),
+                                        ((5, 33, 70), "nonfinite"), ((5, 33, 70), "offset")],
+                         ids=str)
+def test_batch_stats_neurons_in_the_middle(backend, dtype, shape, kind):
+    # [B, N, S]: a conv output's channels, read in place (no movedim copy). S = 70 takes the
+    # C++ kernel's vector lanes (tiles of 32 values) and its scalar tail.
+    x = make_data((shape[0] * shape[2], shape[1]), dtype, kind, seed=4)
     x = x.reshape(shape[0], shape[2], shape[1]).transpose(1, 2).contiguous()
     assert_close_to_reference(*call(backend, "batch_stats", x), x)
     strided = torch.cat([x, x], dim=2)[:, :, ::2]  # no unit stride anywhere
@@ -148,6 +152,10 @@ def test_batch_stats_float64_extremes(backend):
     torch.testing.assert_close(mean_of(moments), rm[MEAN], rtol=1e-12, atol=0)
     keep = torch.tensor([0, 2, 3])
     torch.testing.assert_close(moments[M2, keep], rm[M2, keep], rtol=1e-12, atol=0)
+    # the same columns as the channels of a [1, 4, 3] conv output, read in place
+    counts3, moments3 = call(backend, "batch_stats", x.t().contiguous().unsqueeze(0))
+    assert torch.equal(counts3, counts)
+    torch.testing.assert_close(moments3, moments, rtol=1e-12, atol=0)
 
 
 @pytest.mark.parametrize("pending", [False, True])

@@ -8,8 +8,12 @@ model or the optimizer. Only rank 0 writes (see distributed.py).
 
 Files (numpy and pandas read each directly):
   run.json      {"format", "run_id", "created", "world_size", "options", "layers",
-                "neurons", "metric_columns", "resumes"}; written whole (temp name, then
-                os.replace) at instrument and on resume.
+                "neurons", "metric_columns", "resumes", "skipped", "coverage"}; written
+                whole (temp name, then os.replace) at instrument and on resume. "skipped"
+                lists the modules instrument could not serve as [name, reason] and
+                "coverage" holds {"trainable_parameters", "monitored_parameters"}, both as
+                Monitor.coverage() reported them at instrument; runs written before these
+                two fields read without them.
   metrics.csv   header `step,layer,<the keys of mon.metrics()[layer]>`, then one row per
                 (logged step, layer), appended every log_every steps; a step's rows go out
                 as complete lines in one os.write. Read it with

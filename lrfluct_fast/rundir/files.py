@@ -186,7 +186,8 @@ def read_csv(file: str) -> tuple[list[str] | None, list[tuple[int, list[str]]]]:
 
 # run.json's fields that load_run and a resume read, with the type each must have
 RUN_FIELDS = {"format": int, "run_id": str, "layers": list, "neurons": dict, "options": dict,
-              "metric_columns": list, "resumes": list, "windows": dict}
+              "metric_columns": list, "resumes": list, "windows": dict, "skipped": list,
+              "coverage": dict}
 _JSON_TYPES = {int: "integer", str: "string", list: "array", dict: "object"}
 
 

@@ -23,6 +23,14 @@ from .writer import Item, WindowItem, Writer, snapshot
 LOG_OPTIONS = ("log_dir", "log_every", "summary_every", "tensorboard", "log_errors")
 
 
+def _coverage(monitor) -> dict[str, Any]:
+    """run.json's "skipped" ([module, reason] pairs) and "coverage" (parameter counts), as
+    monitor.coverage() reports them at instrument."""
+    c = monitor.coverage()
+    return {"skipped": [[name, reason] for name, reason in c["skipped"]],
+            "coverage": {k: c[k] for k in ("trainable_parameters", "monitored_parameters")}}
+
+
 # -- the Monitor's side -----------------------------------------------------------------------
 class RunLog:
     """When to log, what to copy, and the resume of a run directory. Every rank holds one
@@ -49,6 +57,7 @@ class RunLog:
             "layers": [name for name, _ in states],
             "neurons": {name: st.neurons for name, st in states},
             "metric_columns": self.columns, "resumes": [],
+            **_coverage(monitor),
         }
         win = monitor._windows
         if win is not None:
