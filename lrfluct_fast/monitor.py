@@ -313,6 +313,16 @@ class Monitor:
         if self._run is not None:
             self._run.flush(self)
 
+    def log_scalars(self, values: dict[str, float], step: int | None = None) -> None:
+        """Append {name: value} (a sharpness, a spectral norm) to the run directory's
+        scalars.csv at `step` (default: the run's step, Monitor.step() calls since the run
+        began), one row per name, by the writer thread; cut on resume like metrics.csv.
+        A no-op without log_dir; the arguments are checked either way."""
+        self._check_live()
+        values = rundir.check_scalars(values, step)
+        if self._run is not None:
+            self._run.put_scalars(values, None if step is None else int(step))
+
     def close(self) -> None:
         """flush(), then end the writer; monitoring goes on without a run directory."""
         if self._run is not None and not self._removed:

@@ -19,6 +19,13 @@ Files (numpy and pandas read each directly):
                 as complete lines in one os.write. Read it with
                 np.genfromtxt(path, delimiter=",", names=True, dtype=None, encoding=None)
                 or pandas.read_csv(path).
+  scalars.csv   header `step,name,value`, then one row per (step, name) of each
+                Monitor.log_scalars(values, step) call ("sharpness",
+                "preconditioned_sharpness", "spectra/{layer}/...": see sharpness.py), in
+                call order; `step` is the one passed, the run's step by default. Written by
+                the writer thread like metrics.csv (a call's rows in one os.write); read it
+                with np.genfromtxt as above or lf.load_run(dir).scalars
+                ({name: (steps, values)}).
   summaries/step_{step:09d}.npz
                 every summary_every steps and at flush()/close(): one array per
                 "{layer}/{key}", the per-neuron keys of mon.summary() ([N] arrays and the
@@ -35,15 +42,16 @@ Files (numpy and pandas read each directly):
                 np.fromfile(path, "<f8").reshape(-1, 3 + sum of the columns' neurons), or
                 lf.load_run(dir).windows[statistic] (a WindowRows of [W] and [W, N] arrays).
   tensorboard/  with tensorboard=True: scalars "{layer}/{metric}" every log_every steps,
-                histograms "{layer}/weight.spread" and "{layer}/bias.spread" per summary.
+                histograms "{layer}/weight.spread" and "{layer}/bias.spread" per summary,
+                and the scalars of scalars.csv under their names.
 `step` is the run's step: Monitor.step() calls since the run began. reset() does not restart
 it and a resumed run continues it (the summaries' "steps" key restarts at reset()).
 
 Crash safety: a SIGKILL at any moment leaves a directory load_run reads. run.json and
 summaries appear whole or not at all; load_run ignores a partial last line of metrics.csv
-(and a last step with only some of its layers) and leftover temp files; the writer cuts a
-partial last line before it appends again. What is lost is what had not reached the files:
-the writer's queue. flush() and state_dict() wait until it is written. (Nothing is
+and of scalars.csv (and a last step with only some of its layers) and leftover temp files;
+the writer cuts a partial last line before it appends again. What is lost is what had not
+reached the files: the writer's queue. flush() and state_dict() wait until it is written. (Nothing is
 fsync'ed: a machine crash or power loss can lose more.)
 
 Off the training step's critical path: at a logging step, step() takes device-side copies
@@ -68,8 +76,8 @@ on 100 layers of 1024 neurons add 3.3 MB per step.
 
 Resume: Monitor.state_dict() holds {"run_id", "step"} and waits for the writer. A new
 process calls instrument(..., log_dir=same dir), then load_state_dict(checkpoint): rows of
-metrics.csv after the checkpoint's step (logged by the crashed run after its checkpoint) are
-dropped by rewriting the file atomically, later summaries and window records are deleted, TensorBoard purges
+metrics.csv and scalars.csv after the checkpoint's step (logged by the crashed run after its
+checkpoint) are dropped by rewriting the files atomically, later summaries and window records are deleted, TensorBoard purges
 later events, and logging goes on from the checkpoint's step: no gap, no duplicated step.
 
 Refused: a log_dir holding another run with other layers or statistics options (ValueError
@@ -83,7 +91,7 @@ when a run directory is opened. With log_errors="raise" the next step(), flush()
 raises RuntimeError instead.
 """
 from .load import Metrics, Run, WindowRows, load_run
-from .runlog import LOG_OPTIONS, RunLog
+from .runlog import LOG_OPTIONS, RunLog, check_scalars
 from .writer import QUEUE_SIZE, summary_writer_class
 
-__all__ = ["LOG_OPTIONS", "QUEUE_SIZE", "Metrics", "Run", "WindowRows", "RunLog", "load_run", "summary_writer_class"]
+__all__ = ["LOG_OPTIONS", "QUEUE_SIZE", "Metrics", "Run", "WindowRows", "RunLog", "check_scalars", "load_run", "summary_writer_class"]

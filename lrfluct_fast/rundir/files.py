@@ -15,6 +15,7 @@ import numpy as np
 FORMAT = 1
 RUN_FILE, METRICS_FILE, SUMMARY_DIR, TB_DIR = "run.json", "metrics.csv", "summaries", "tensorboard"
 WINDOW_DIR = "windows"
+SCALARS_FILE, SCALARS_HEADER = "scalars.csv", "step,name,value\n"
 WINDOW_HEAD = ("step", "first_step", "last_step")  # the first values of a window record
 SUMMARY_NAME = re.compile(r"step_(\d{9,})\.npz")
 
@@ -67,15 +68,16 @@ def cut_partial_line(path: str, header: str) -> None:
 
 
 def has_data(path: str) -> bool:
-    """The directory holds logged steps: metrics rows, summaries or window records."""
-    try:
-        with open(os.path.join(path, METRICS_FILE), "rb") as f:
-            head = f.read(65536)
-        nl = head.find(b"\n")
-        if nl >= 0 and len(head) > nl + 1:
-            return True
-    except FileNotFoundError:
-        pass
+    """The directory holds logged steps: metrics or scalars rows, summaries or window records."""
+    for name in (METRICS_FILE, SCALARS_FILE):
+        try:
+            with open(os.path.join(path, name), "rb") as f:
+                head = f.read(65536)
+            nl = head.find(b"\n")
+            if nl >= 0 and len(head) > nl + 1:
+                return True
+        except FileNotFoundError:
+            pass
     sdir, wdir = os.path.join(path, SUMMARY_DIR), os.path.join(path, WINDOW_DIR)
     if os.path.isdir(wdir) and any(f.endswith(".f64") and os.path.getsize(os.path.join(wdir, f))
                                    for f in os.listdir(wdir)):
@@ -84,17 +86,12 @@ def has_data(path: str) -> bool:
 
 
 def truncate_after(path: str, step: int, columns) -> None:
-    """Keep what was logged up to `step`: metrics.csv rewritten atomically, later summaries
-    and leftover temp files removed."""
-    file = os.path.join(path, METRICS_FILE)
-    header, rows = read_csv(file) if os.path.exists(file) else (None, [])
-    buf = io.StringIO()
-    buf.write(",".join(header) + "\n" if header else csv_header(columns))
-    w = csv.writer(buf, lineterminator="\n")
-    for _, row in rows:
-        if int(row[0]) <= step:
-            w.writerow(row)
-    atomic_write(file, buf.getvalue().encode("utf-8"))
+    """Keep what was logged up to `step`: metrics.csv and scalars.csv rewritten atomically,
+    later summaries and leftover temp files removed."""
+    _keep_rows_until(os.path.join(path, METRICS_FILE), step, "layer", csv_header(columns))
+    scalars = os.path.join(path, SCALARS_FILE)
+    if os.path.exists(scalars):
+        _keep_rows_until(scalars, step, "name", SCALARS_HEADER)
     sdir = os.path.join(path, SUMMARY_DIR)
     os.makedirs(sdir, exist_ok=True)
     for name in os.listdir(sdir):
@@ -104,6 +101,18 @@ def truncate_after(path: str, step: int, columns) -> None:
     remove_temp_files(path)
     for statistic, layout in window_layouts(read_run_info(path)).items():
         cut_window_records(path, statistic, layout, after_step=step)
+
+
+def _keep_rows_until(file: str, step: int, key: str, default_header: str) -> None:
+    """The CSV `file` rewritten atomically with its rows of steps <= `step`."""
+    header, rows = read_csv(file, key) if os.path.exists(file) else (None, [])
+    buf = io.StringIO()
+    buf.write(",".join(header) + "\n" if header else default_header)
+    w = csv.writer(buf, lineterminator="\n")
+    for _, row in rows:
+        if int(row[0]) <= step:
+            w.writerow(row)
+    atomic_write(file, buf.getvalue().encode("utf-8"))
 
 
 def window_file(path: str, statistic: str) -> str:
@@ -155,31 +164,33 @@ def remove_quietly(file: str) -> None:
         pass  # gone already, or the filesystem refuses: load_run ignores temp files anyway
 
 
-def read_csv(file: str) -> tuple[list[str] | None, list[tuple[int, list[str]]]]:
-    """(header, [(line number, row)]) of the complete lines of metrics.csv; ValueError naming
-    the file and line for anything that is not a metrics row."""
+def read_csv(file: str, key: str = "layer") -> tuple[list[str] | None, list[tuple[int, list[str]]]]:
+    """(header, [(line number, row)]) of the complete lines of metrics.csv (key "layer") or
+    scalars.csv (key "name"): columns step, key, then numbers; ValueError naming the file and
+    line for anything that is not such a row."""
+    kind = "metrics" if key == "layer" else "scalars"
     with open(file, "rb") as f:
         raw = f.read()
     raw = raw[:raw.rfind(b"\n") + 1]  # a partial last line is a killed write, not data
     try:
         rows = list(csv.reader(io.StringIO(raw.decode("utf-8"))))
     except (UnicodeDecodeError, csv.Error) as e:
-        raise ValueError(f"corrupt metrics file {file}: {e}") from None
+        raise ValueError(f"corrupt {kind} file {file}: {e}") from None
     if not rows:
         return None, []
     header = rows[0]
-    if header[:2] != ["step", "layer"]:
-        raise ValueError(f"corrupt metrics file {file}: line 1 is not the header 'step,layer,...'")
+    if header[:2] != ["step", key]:
+        raise ValueError(f"corrupt {kind} file {file}: line 1 is not the header 'step,{key},...'")
     out = []
     for i, row in enumerate(rows[1:], start=2):
         if len(row) != len(header):
-            raise ValueError(f"corrupt metrics file {file}, line {i}: {len(row)} fields, "
+            raise ValueError(f"corrupt {kind} file {file}, line {i}: {len(row)} fields, "
                              f"the header has {len(header)}")
         try:
             int(row[0])
             [float(v) for v in row[2:]]
         except ValueError:
-            raise ValueError(f"corrupt metrics file {file}, line {i}: not a number in {row}") from None
+            raise ValueError(f"corrupt {kind} file {file}, line {i}: not a number in {row}") from None
         out.append((i, row))
     return header, out
 

@@ -3,12 +3,12 @@ from __future__ import annotations
 
 import os
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from .files import (METRICS_FILE, SUMMARY_DIR, SUMMARY_NAME, WINDOW_HEAD, read_csv, read_run_info,
-                    record_width, window_file, window_layouts)
+from .files import (METRICS_FILE, SCALARS_FILE, SUMMARY_DIR, SUMMARY_NAME, WINDOW_HEAD, read_csv,
+                    read_run_info, record_width, window_file, window_layouts)
 
 
 # -- reading a run back -----------------------------------------------------------------------
@@ -41,6 +41,8 @@ class Run:
     metrics: Metrics
     summaries: list[tuple[int, dict[str, dict[str, np.ndarray]]]]  # (step, {layer: {key: array}})
     windows: dict[str, WindowRows]  # {statistic: its closed windows}
+    # {name: (steps int64 [S], values float64 [S])}: scalars.csv (Monitor.log_scalars), file order
+    scalars: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
 
     @property
     def run_id(self) -> str:
@@ -60,9 +62,10 @@ class Run:
 
 
 def load_run(path: str | os.PathLike) -> Run:
-    """Read a run directory: run.json, metrics.csv and summaries/ (see the module docstring).
+    """Read a run directory: run.json, metrics.csv, scalars.csv, summaries/ and windows/ (see
+    the module docstring).
 
-    A partial last line of metrics.csv, a last step with only some of its layers, and temp
+    A partial last line of metrics.csv or scalars.csv, a last step with only some of its layers, and temp
     files are ignored (a run killed while writing); a corrupt file raises ValueError naming it.
     """
     path = os.fspath(path)
@@ -82,7 +85,20 @@ def load_run(path: str | os.PathLike) -> Run:
     table["layer"] = np.array([r[1] for _, r in rows], dtype=str)
     for j, c in enumerate(columns[2:], start=2):
         table[c] = np.array([float(r[j]) for _, r in rows], dtype=np.float64)
-    return Run(path, info, table, _read_summaries(path), _read_windows(path, info))
+    return Run(path, info, table, _read_summaries(path), _read_windows(path, info),
+               _read_scalars(path))
+
+
+def _read_scalars(path: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    file = os.path.join(path, SCALARS_FILE)
+    _, rows = read_csv(file, "name") if os.path.exists(file) else (None, [])
+    series: dict[str, tuple[list[int], list[float]]] = {}
+    for _, (step, name, value) in rows:
+        steps, values = series.setdefault(name, ([], []))
+        steps.append(int(step))
+        values.append(float(value))
+    return {name: (np.array(steps, dtype=np.int64), np.array(values, dtype=np.float64))
+            for name, (steps, values) in series.items()}
 
 
 def _read_windows(path: str, info) -> dict[str, WindowRows]:

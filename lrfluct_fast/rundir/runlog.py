@@ -2,6 +2,7 @@
 a run."""
 from __future__ import annotations
 
+import numbers
 import os
 import uuid
 import warnings
@@ -12,10 +13,10 @@ from typing import Any
 import torch
 
 from .. import distributed, fsdp, metrics, options, windows
-from .files import (FORMAT, METRICS_FILE, RUN_FILE, SUMMARY_DIR, WINDOW_DIR, atomic_write, csv_header, has_data,
-                    read_run_info, remove_temp_files, truncate_after, window_layouts,
-                    write_json)
-from .writer import Item, WindowItem, Writer, snapshot
+from .files import (FORMAT, METRICS_FILE, RUN_FILE, SCALARS_FILE, SCALARS_HEADER, SUMMARY_DIR, WINDOW_DIR,
+                    atomic_write, csv_header, has_data, read_run_info, remove_temp_files,
+                    truncate_after, window_layouts, write_json)
+from .writer import Item, ScalarItem, WindowItem, Writer, snapshot
 
 
 # instrument() options that only say where and how often to write: they may change when a
@@ -29,6 +30,26 @@ def _coverage(monitor) -> dict[str, Any]:
     c = monitor.coverage()
     return {"skipped": [[name, reason] for name, reason in c["skipped"]],
             "coverage": {k: c[k] for k in ("trainable_parameters", "monitored_parameters")}}
+
+
+def check_scalars(values, step) -> dict[str, float]:
+    """Monitor.log_scalars' arguments checked: {name: float} back; errors name the argument."""
+    if not isinstance(values, dict):
+        raise TypeError(f"values must be a dict {{name: number}}, got {type(values).__name__}")
+    out = {}
+    for name, value in values.items():
+        if not isinstance(name, str) or not name or any(c in name for c in "\r\n"):
+            raise ValueError(f"values: a name must be a non-empty str on one line, got {name!r}")
+        if isinstance(value, torch.Tensor) and value.numel() == 1:
+            value = value.item()
+        if not isinstance(value, numbers.Real) or isinstance(value, bool):
+            raise TypeError(f"values[{name!r}] must be a real number, got {value!r} "
+                            f"({type(value).__name__})")
+        out[name] = float(value)
+    if step is not None and (not isinstance(step, numbers.Integral) or isinstance(step, bool)
+                             or step < 0):
+        raise ValueError(f"step must be None or an integer >= 0, got {step!r}")
+    return out
 
 
 # -- the Monitor's side -----------------------------------------------------------------------
@@ -104,6 +125,7 @@ class RunLog:
         os.makedirs(os.path.join(self.path, WINDOW_DIR), exist_ok=True)
         write_json(os.path.join(self.path, RUN_FILE), self.info)
         atomic_write(os.path.join(self.path, METRICS_FILE), csv_header(self.columns).encode())
+        atomic_write(os.path.join(self.path, SCALARS_FILE), SCALARS_HEADER.encode())
 
     def _check_pending(self) -> None:
         if self.pending is not None:
@@ -165,6 +187,13 @@ class RunLog:
             event = torch.cuda.Event()
             event.record()
         self.writer.put(WindowItem(self.step, statistic, first, last, copies, event))
+
+    def put_scalars(self, values: dict[str, float], step: int | None) -> None:
+        """Rows of scalars.csv at `step` (None: this run step), to the writer."""
+        self._check_pending()
+        self.raise_failure()
+        if self.writer is not None:
+            self.writer.put(ScalarItem(self.step if step is None else step, values))
 
     def flush(self, monitor) -> None:
         self._check_pending()

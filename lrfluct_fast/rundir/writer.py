@@ -17,8 +17,8 @@ import torch
 
 import numpy as np
 from .. import distributed, fsdp, metrics, ops, windows
-from .files import (METRICS_FILE, SUMMARY_DIR, TB_DIR, atomic_write, csv_header, cut_partial_line,
-                    cut_window_records, window_file)
+from .files import (METRICS_FILE, SCALARS_FILE, SCALARS_HEADER, SUMMARY_DIR, TB_DIR, atomic_write,
+                    csv_header, cut_partial_line, cut_window_records, window_file)
 
 
 QUEUE_SIZE = 8
@@ -97,6 +97,12 @@ class WindowItem:
     event: Any = None
 
 
+@dataclass
+class ScalarItem:
+    step: int                       # the step given to Monitor.log_scalars (the run's by default)
+    values: dict[str, float]        # {name: value}: one row of scalars.csv each
+
+
 # -- the writer thread ------------------------------------------------------------------------
 class Writer:
     """Turns snapshots into files, in a daemon thread fed by a bounded queue."""
@@ -113,6 +119,7 @@ class Writer:
         self._tb = None
         self._cut_tail = True  # metrics.csv may end in a partial line: cut it before appending
         self._cut_windows = True  # and a window file in part of a record
+        self._cut_scalars = True  # and scalars.csv in a partial line
         self._failing = False       # the last write failed (and that spell was warned of)
         self._summary_owed = False  # a summary write failed: write one at the next success
         self._thread = threading.Thread(target=self._loop, name="lrfluct-rundir", daemon=True)
@@ -157,7 +164,7 @@ class Writer:
                         self._tb.close()
                     return
                 if self.failure is None:  # after a failure with log_errors="raise": discard
-                    self._write_window(item) if isinstance(item, WindowItem) else self._write(item)
+                    self._writers[type(item)](self, item)
                     self._failing = False
             except BaseException as err:  # the thread must outlive any error
                 self._failed(err, item)
@@ -166,7 +173,7 @@ class Writer:
 
     def _failed(self, err: BaseException, item) -> None:
         self.errors += 1
-        self._cut_tail = self._cut_windows = True
+        self._cut_tail = self._cut_windows = self._cut_scalars = True
         if self.log_errors == "raise":
             self.failure = self.failure or err
             return
@@ -216,6 +223,26 @@ class Writer:
                                 + [np.asarray(rows[layer][key], "<f8").reshape(n)
                                    for layer, key, n in layout])
         _append(window_file(self.path, item.statistic), record.tobytes())
+
+    def _write_scalars(self, item: ScalarItem) -> None:
+        """Rows `step,name,value` appended to scalars.csv in one write."""
+        buf = io.StringIO()
+        w = csv.writer(buf, lineterminator="\n")
+        for name, value in item.values.items():
+            w.writerow([item.step, name, repr(float(value))])
+        path = os.path.join(self.path, SCALARS_FILE)
+        if self._cut_scalars:
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o644))  # a run directory made before scalars.csv
+            cut_partial_line(path, SCALARS_HEADER)
+            self._cut_scalars = False
+        _append(path, buf.getvalue().encode("utf-8"), create=False)
+        if self.tensorboard:
+            tb = self._tb_writer()
+            for name, value in item.values.items():
+                tb.add_scalar(name, value, item.step)
+            tb.flush()
+
+    _writers = {Item: _write, WindowItem: _write_window, ScalarItem: _write_scalars}
 
     def _append_metrics(self, step: int, summaries) -> None:
         values = {name: metrics.layer_metrics(s, **self.metric_options) for name, s in summaries.items()}

@@ -5,9 +5,6 @@ log (no windows, no drift, no scalars.csv) is simply absent from what these retu
 """
 from __future__ import annotations
 
-import csv
-import io
-import os
 from typing import Callable, NamedTuple
 
 import numpy as np
@@ -15,7 +12,6 @@ import numpy as np
 Series = dict[str, tuple[np.ndarray, np.ndarray]]  # {panel: (steps [T], values [T])}
 Maps = dict[str, tuple[np.ndarray, np.ndarray]]    # {layer: (steps [T], values [T, N])}
 
-SCALARS_FILE = "scalars.csv"
 
 # what each metrics.csv column is (metrics.layer_metrics); a column not listed is shown by name
 METRIC_NOTES = {
@@ -104,43 +100,10 @@ def neuron_maps(run) -> list[NeuronMaps]:
     return out
 
 
-def read_scalars(path: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """scalars.csv (`step,name,value`) as {name: (steps, values)}; a partial last line (a
-    write in progress or killed) is left out; ValueError naming the file and line otherwise."""
-    file = os.path.join(path, SCALARS_FILE)
-    try:
-        with open(file, "rb") as f:
-            raw = f.read()
-    except FileNotFoundError:
-        return {}
-    raw = raw[:raw.rfind(b"\n") + 1]
-    try:
-        rows = list(csv.reader(io.StringIO(raw.decode("utf-8"))))
-    except (UnicodeDecodeError, csv.Error) as e:
-        raise ValueError(f"corrupt scalars file {file}: {e}") from None
-    if rows and rows[0] != ["step", "name", "value"]:
-        raise ValueError(f"corrupt scalars file {file}: line 1 is not the header 'step,name,value'")
-    columns: dict[str, tuple[list[int], list[float]]] = {}
-    for i, row in enumerate(rows[1:], start=2):
-        try:
-            if len(row) != 3:
-                raise ValueError
-            step, name, value = int(row[0]), row[1], float(row[2])
-        except ValueError:
-            raise ValueError(f"corrupt scalars file {file}, line {i}: expected step,name,value, "
-                             f"got {row}") from None
-        steps, values = columns.setdefault(name, ([], []))
-        steps.append(step)
-        values.append(value)
-    return {name: (np.array(s, dtype=np.int64), np.array(v, dtype=np.float64))
-            for name, (s, v) in columns.items()}
-
-
 def scalar_groups(run) -> list[tuple[str, Series]]:
     """scalars.csv grouped into figures: ("sharpness and other scalars", {name: series}), then
     one ("spectra: {quantity}", {layer: series}) per spectral quantity."""
-    # load_run reads scalars.csv itself where this version has Run.scalars
-    scalars = run.scalars if hasattr(run, "scalars") else read_scalars(run.path)
+    scalars = run.scalars
     plain = {name: s for name, s in scalars.items() if not name.startswith(SPECTRA)}
     spectra: dict[str, Series] = {}
     for name, s in scalars.items():
