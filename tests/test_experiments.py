@@ -125,7 +125,8 @@ def _load(out, lrs=(1e-2, 1e-3)):
 
 def test_reproduce_writes_every_artifact_and_a_consistent_report(tmp_path, capsys):
     out = tmp_path / "run"
-    code, _, err = _run(capsys, *TINY, *LRS, "--seeds", *map(str, SEEDS), "--out", str(out))
+    code, _, err = _run(capsys, *TINY, *LRS, "--seeds", *map(str, SEEDS), "--sharpness-every",
+                        "3", "--out", str(out))
     assert code == 0, err
     names = [f"lr_{lr}_seed{s}.npz" for s in SEEDS for lr in ("0.01", "0.001")]
     for name in ("config.json", "report.md", *names, *FIGURES):
@@ -140,6 +141,19 @@ def test_reproduce_writes_every_artifact_and_a_consistent_report(tmp_path, capsy
         assert res[s][1e-2]["history/train_loss"].shape == (2,)
         assert res[s][1e-2][f"history/{layers[0]}/weight.spread"].shape == (2, 16)
         assert int(res[s][1e-2][f"summary/{layers[0]}/steps"]) == 4  # one epoch, 32 / 8
+        # sharpness every 3 steps and after the last (8); spectra every step and window
+        r = res[s][1e-2]
+        assert r["sharpness/step"].tolist() == [3, 6, 8]
+        assert r["sharpness/value"].shape == r["sharpness/preconditioned"].shape == (3,)
+        assert r["spectra/step"].tolist() == list(range(1, 9))
+        assert r["spectra/epoch"].tolist() == [0, 1, 2]
+        for layer in layers:
+            assert r[f"spectra/{layer}/top_singular"].shape == (8,)
+            for key in ("alpha", "stable_rank", "spectral_norm"):
+                assert r[f"spectra/{layer}/{key}"].shape == (3,)
+        # the tracked top singular value ends near the exact one of the last summary
+        assert np.isclose(r[f"spectra/{layers[0]}/top_singular"][-1],
+                          r[f"spectra/{layers[0]}/spectral_norm"][-1], rtol=0.1)
     # each seed draws its own data and initial weights
     assert not np.array_equal(res[0][1e-2]["recon/inputs"], res[1][1e-2]["recon/inputs"])
 
@@ -163,6 +177,16 @@ def test_reproduce_writes_every_artifact_and_a_consistent_report(tmp_path, capsy
         assert _over_two_seeds(sos, [np.std(r[s][f"summary/{layer}/weight.spread"])
                                      for s in SEEDS])
 
+    # the sharpness table: Adam's threshold 38/lr and the late preconditioned value, recomputed
+    sharp_rows = _table_rows(text, "lr | 38/lr")
+    assert [r[0] for r in sharp_rows] == ["0.01", "0.001"]
+    for lr_text, limit, _first, _peak, _late, late_value, _raw in sharp_rows:
+        lr = float(lr_text)
+        assert _close(limit, 38 / lr)
+        late = [np.median(res[s][lr]["sharpness/preconditioned"][1:]) for s in SEEDS]  # 6, 8
+        assert _over_two_seeds(late_value, late)
+    assert "## Weight spectra" in text and "Martin & Mahoney" in text
+
     # the dead-fraction claim's verdict, recomputed from the files
     def dead(r):
         relus = [str(n) for n in r["relu_layers"]]
@@ -175,7 +199,7 @@ def test_reproduce_writes_every_artifact_and_a_consistent_report(tmp_path, capsy
     assert line.startswith(f"- **Holds for {word}** ({len(holds)} of 2"), line
     verdicts = re.findall(r"^- \*\*(Holds for every seed|Holds for some seeds|Holds for no seed|"
                           r"Cannot tell)\*\*", text, flags=re.M)
-    assert len(verdicts) == 7
+    assert len(verdicts) == 7 + 2 * 2  # the paper's, and two sharpness claims per lr
 
 
 def test_reproduce_resumes_every_seed_and_survives_an_interrupt(tmp_path, capsys, monkeypatch):
@@ -192,7 +216,8 @@ def test_reproduce_resumes_every_seed_and_survives_an_interrupt(tmp_path, capsys
         return real(*args, **kwargs)
 
     monkeypatch.setattr(train, "train_autoencoder", interrupted_on_second)
-    argv = [*TINY, *LRS, "--seeds", "0", "1", "--out", str(out)]
+    argv = [*TINY, *LRS, "--seeds", "0", "1", "--sharpness-every", "0", "--spectra-every", "0",
+            "--out", str(out)]
     code, _, err = _run(capsys, *argv)
     assert code == 130
     assert sorted(p for p in os.listdir(out) if p.endswith(".npz")) == ["lr_0.01_seed0.npz"]
@@ -205,10 +230,15 @@ def test_reproduce_resumes_every_seed_and_survives_an_interrupt(tmp_path, capsys
     assert calls == [(0, 1e-3), (1, 1e-2), (1, 1e-3)]  # the finished pair is skipped
     assert "seed 0 lr 0.01: found lr_0.01_seed0.npz, skipped" in err
     assert (out / "lr_0.01_seed0.npz").read_bytes() == first
-    assert (out / "report.md").exists()
+    text = (out / "report.md").read_text()
+    # sharpness and spectra off: no keys, figures or sections
+    assert not [k for k in reproduce.load_result(str(out / "lr_0.01_seed1.npz"))
+                if k.startswith(("sharpness/", "spectra/"))]
+    assert not (out / "sharpness.png").exists() and not (out / "spectra.png").exists()
+    assert "## Sharpness" not in text and "## Weight spectra" not in text
 
     # one more seed is another config: refused, not mixed in
-    code, _, err = _run(capsys, *TINY, *LRS, "--seeds", "0", "1", "2", "--out", str(out))
+    code, _, err = _run(capsys, *argv, "--seeds", "0", "1", "2")
     assert code == 2 and "seeds: [0, 1] -> [0, 1, 2]" in err
 
 
@@ -234,7 +264,9 @@ def test_reproduce_refuses_another_config_and_bad_arguments(tmp_path, capsys):
         ["--out", str(a_file)], ["--out", str(a_file / "sub")],
         ["--arch", "conv", "--image-size", "10"], ["--threads", "-1"],
         ["--seeds", "-1"], ["--seeds", "1", "1"], ["--seed", "1", "--seeds", "2"],
-        ["--full-batch", "--batch-size", "8"],
+        ["--full-batch", "--batch-size", "8"], ["--sharpness-every", "-1"],
+        ["--spectra-every", "-1"], ["--sharpness-probe", "0"],
+        ["--monitor", "hooks"],  # cannot be paused for the sharpness (on by default)
     ]
     if not torch.cuda.is_available():
         bad.append(["--device", "cuda"])
@@ -266,6 +298,10 @@ def test_reproduce_overwrite_replaces_a_run_and_runs_full_batch_sgd(tmp_path, ca
     assert "needs at least two learning rates" in text
     assert "(sgd, full batch: every step uses all training images)" in text
     assert "One seed (3)" in text and "--seeds 3 " in text and "--batch-size 32 " in text
+    # full-batch SGD: the sharpness of all images against 2/lr, nothing preconditioned
+    assert "--sharpness-probe 32 " in text and "sharpness/preconditioned" not in res
+    assert "| lr | 2/lr |" in text and "Cohen et al. 2021" in text
+    assert (out / "sharpness.png").exists()
 
 
 def test_over_seeds_convention():

@@ -16,6 +16,11 @@ backend or state.
   spread_vs_lr.png        final-window mean spread and spread of the spread per layer vs lr
   participation_vs_lr.png participation ratio / N, dead fraction, mean active fraction vs lr
   loss.png                train and test reconstruction loss per epoch
+  sharpness.png           per lr, the sharpness over training (Adam: and the preconditioned
+                          sharpness) with its stability threshold, 2/lr (SGD) or 38/lr
+                          (Adam, preconditioned); when measured
+  spectra.png             per lr, each layer's top singular value over training, and its
+                          alpha and stable rank at every window's close; when measured
 """
 from __future__ import annotations
 
@@ -27,14 +32,14 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from . import report
+from . import probe_report, report
 from .seeds import over_seeds
 from .shapes import CLASSES
 
 Results = Mapping[float, Mapping[str, np.ndarray]]  # one seed's results by lr
 BySeed = Mapping[int, Results]
 FIGURES = ("reconstructions.png", "fluctuations.png", "spread_vs_lr.png",
-           "participation_vs_lr.png", "loss.png")
+           "participation_vs_lr.png", "loss.png", "sharpness.png", "spectra.png")
 
 
 def _save(fig: Figure, path: str, crop: bool = False) -> None:
@@ -212,12 +217,86 @@ def loss(by_seed: BySeed, path: str) -> None:
     _save(fig, path)
 
 
-def write_all(by_seed: BySeed, out_dir: str) -> list[str]:
-    """Every figure of FIGURES into out_dir; returns their paths."""
+def sharpness(by_seed: BySeed, path: str, optimizer: str) -> None:
+    lrs = sorted(_first(by_seed), reverse=True)
+    rows = [("sharpness/value", "sharpness")]
+    if optimizer == "adam":
+        rows.append(("sharpness/preconditioned", "preconditioned sharpness"))
+    fig = Figure(figsize=(3.6 * len(lrs) + 0.4, 2.8 * len(rows) + 0.5))
+    axes = fig.subplots(len(rows), len(lrs), squeeze=False)
+    limit_row = len(rows) - 1  # the threshold applies to the tracked (last) row
+    for c, lr in enumerate(lrs):
+        steps = _first(by_seed)[lr]["sharpness/step"]
+        for r, (key, name) in enumerate(rows):
+            ax = axes[r, c]
+            _curve(ax, steps, [res[lr][key] for res in by_seed.values()], "C0", name, lw=1.2)
+            if r == limit_row:
+                label = "38/lr" if optimizer == "adam" else "2/lr"
+                ax.axhline(probe_report.threshold(optimizer, lr), color="C3", ls="--", lw=1,
+                           label=label)
+            _log_y(ax)
+            ax.set_title(f"lr {lr:g}: {name}", fontsize=8)
+            ax.tick_params(labelsize=7)
+            ax.legend(fontsize=6)
+            if r == len(rows) - 1:
+                ax.set_xlabel("optimizer step", fontsize=8)
+    fig.suptitle(f"sharpness on the probe batch over training ({optimizer}; mean over "
+                 f"{len(by_seed)} seed(s), band: their range)", fontsize=9)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def spectra(by_seed: BySeed, path: str) -> None:
+    lrs = sorted(_first(by_seed), reverse=True)
+    layers = _layers(by_seed)
+    panels = (("top_singular", "top singular value", "spectra/step", "optimizer step"),
+              ("alpha", "power-law alpha of the ESD", "spectra/epoch", "epoch"),
+              ("stable_rank", "stable rank", "spectra/epoch", "epoch"))
+    fig = Figure(figsize=(12, 2.7 * len(lrs) + 0.5))
+    axes = fig.subplots(len(lrs), len(panels), squeeze=False)
+    for r, lr in enumerate(lrs):
+        first = _first(by_seed)[lr]
+        for c, (key, name, x_key, x_name) in enumerate(panels):
+            ax = axes[r, c]
+            for i, layer in enumerate(layers):
+                _curve(ax, first[x_key], [res[lr][f"spectra/{layer}/{key}"]
+                                          for res in by_seed.values()],
+                       f"C{i % 10}", layer, lw=1.1)
+            if key == "alpha":
+                ax.axhspan(*probe_report.ALPHA_RANGE, color="0.85", zorder=0)
+            if key == "top_singular":
+                _log_y(ax)
+            ax.set_title(f"lr {lr:g}: {name}", fontsize=8)
+            ax.tick_params(labelsize=7)
+            if r == len(lrs) - 1:
+                ax.set_xlabel(x_name, fontsize=8)
+    axes[0, 0].legend(fontsize=6)
+    fig.suptitle(f"weight spectra per layer over training (mean over {len(by_seed)} seed(s), "
+                 f"band: their range; grey: alpha {probe_report.ALPHA_RANGE[0]:g}-"
+                 f"{probe_report.ALPHA_RANGE[1]:g})", fontsize=9)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def figures_for(by_seed: BySeed) -> list[str]:
+    """The names of FIGURES these results have data for."""
+    skip = set()
+    if not probe_report.has_sharpness(by_seed):
+        skip.add("sharpness.png")
+    if not probe_report.has_spectra(by_seed):
+        skip.add("spectra.png")
+    return [name for name in FIGURES if name not in skip]
+
+
+def write_all(by_seed: BySeed, out_dir: str, optimizer: str) -> list[str]:
+    """Every figure of figures_for(by_seed) into out_dir; returns their paths."""
+    draw = {"reconstructions.png": reconstructions, "fluctuations.png": fluctuations,
+            "spread_vs_lr.png": spread_vs_lr, "participation_vs_lr.png": participation_vs_lr,
+            "loss.png": loss, "spectra.png": spectra,
+            "sharpness.png": lambda b, p: sharpness(b, p, optimizer)}
     paths = []
-    for name, draw in zip(FIGURES, (reconstructions, fluctuations, spread_vs_lr,
-                                    participation_vs_lr, loss)):
+    for name in figures_for(by_seed):
         path = os.path.join(out_dir, name)
-        draw(by_seed, path)
+        draw[name](by_seed, path)
         paths.append(path)
     return paths

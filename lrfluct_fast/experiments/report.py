@@ -129,7 +129,7 @@ def layer_rows_over_seeds(by_seed: BySeed) -> list[dict]:
     return _over({s: layer_rows(r) for s, r in by_seed.items()}, ("lr", "layer"))
 
 
-def _table(header: list[str], rows: list[list[str]]) -> str:
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     return "\n".join(lines)
@@ -235,7 +235,10 @@ def command_line(config: Mapping) -> str:
              f"--samples {c['samples']}", f"--test-samples {c['test_samples']}",
              f"--batch-size {c['batch_size']}", f"--optimizer {c['optimizer']}",
              f"--arch {c['arch']}", "--widths " + " ".join(str(w) for w in c["widths"]),
-             f"--latent {c['latent']}", f"--window {c['window']}", f"--jitter {c['jitter']:g}",
+             f"--latent {c['latent']}", f"--window {c['window']}",
+             f"--sharpness-every {c['sharpness_every']}",
+             f"--sharpness-probe {c['sharpness_probe']}",
+             f"--spectra-every {c['spectra_every']}", f"--jitter {c['jitter']:g}",
              "--scale-range " + " ".join(f"{s:g}" for s in c["scale_range"]),
              "--rotation" if c["rotation"] else "--no-rotation", f"--noise {c['noise']:g}"]
     return " ".join(parts)
@@ -246,13 +249,13 @@ def _cell(x) -> str:
 
 
 def render(by_seed: BySeed, config: Mapping) -> str:
-    lr_tab = _table(
+    lr_tab = markdown_table(
         ["lr", "final test MSE", "final train MSE", "dead fraction (ReLU)",
          "mean active fraction (ReLU)", "PR / N (ReLU)", "train time (s)"],
         [[f"{x['lr']:g}"] + [_cell(x[k]) for k in ("test_mse", "train_mse", "dead_fraction",
                                                    "mean_active_fraction", "pr_over_n")]
          + [x["wall_s"].text(lambda v: f"{v:.1f}")] for x in lr_rows_over_seeds(by_seed)])
-    layer_tab = _table(
+    layer_tab = markdown_table(
         ["lr", "layer", "ReLU", "N", "participation ratio", "PR / N", "dead fraction",
          "mean active fraction", "mean spread", "spread of the spread", "spread CV",
          "bias spread of the spread"],
@@ -267,9 +270,11 @@ def render(by_seed: BySeed, config: Mapping) -> str:
     batch = int(config["batch_size"])
     batch_text = ("full batch: every step uses all training images"
                   if batch >= int(config["samples"]) else f"mini-batches of {batch} images")
-    from .plots import FIGURES  # plots draws from this module's numbers: import here
+    # these draw from this module's numbers: imported here
+    from . import probe_report
+    from .plots import figures_for
 
-    figures = ", ".join(f"`{f}`" for f in FIGURES)
+    figures = ", ".join(f"`{f}`" for f in figures_for(by_seed))
     sections = [
         "# Learning rate vs neuronal fluctuations: reproduction",
         f"Experiment of *{PAPER}*: an autoencoder trained on eight synthetic shapes at several "
@@ -289,6 +294,10 @@ def render(by_seed: BySeed, config: Mapping) -> str:
         layer_tab,
         "## Comparison with the paper",
         "\n".join(f"- {s}" for s in comparison(by_seed, int(config["epochs"]))),
+        *(probe_report.sharpness_section(by_seed, config)
+          if probe_report.has_sharpness(by_seed) else []),
+        *(probe_report.spectra_section(by_seed, config)
+          if probe_report.has_spectra(by_seed) else []),
         f"Figures (the seed mean, with the range over the seeds shaded or as error bars): "
         f"{figures}.",
         "## Command and config",

@@ -50,6 +50,9 @@ from .train import MONITORS, OPTIMIZERS
 DEFAULT_LRS = (1e-2, 1e-3, 1e-4)
 DEFAULT_SEEDS = (0,)
 DEFAULT_BATCH_SIZE = 64
+DEFAULT_SHARPNESS_EVERY = 100
+DEFAULT_SHARPNESS_PROBE = 256
+DEFAULT_SPECTRA_EVERY = 1
 DEFAULT_EPOCHS = 150
 CONFIG = "config.json"
 
@@ -104,6 +107,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--optimizer", choices=OPTIMIZERS, default="adam", help="default adam")
     g.add_argument("--window", type=int, default=1,
                    help="epochs per statistics window (default 1); the report uses the last")
+    g = p.add_argument_group("sharpness and spectra")
+    g.add_argument("--sharpness-every", type=int, default=DEFAULT_SHARPNESS_EVERY, metavar="K",
+                   help=f"optimizer steps between sharpness measurements (top Hessian "
+                        f"eigenvalue of the loss on a fixed probe batch; with Adam also the "
+                        f"preconditioned one), and after the last step; 0: off (default "
+                        f"{DEFAULT_SHARPNESS_EVERY})")
+    g.add_argument("--sharpness-probe", type=int, default=None, metavar="N",
+                   help=f"the first N training images form the probe batch (default "
+                        f"{DEFAULT_SHARPNESS_PROBE}, or all of them with full batches: the "
+                        f"sharpness of the loss gradient descent follows)")
+    g.add_argument("--spectra-every", type=int, default=DEFAULT_SPECTRA_EVERY, metavar="K",
+                   help=f"optimizer steps between updates of each layer's top singular value "
+                        f"(one power-iteration step); the spectral summary (alpha, stable "
+                        f"rank) is taken at every window's close; 0: off (default "
+                        f"{DEFAULT_SPECTRA_EVERY})")
     p.add_argument("--threads", type=int, default=1,
                    help="torch intra-op threads during the run (default 1: the layers are "
                         "small, and one thread is far faster when the cores are shared; "
@@ -161,6 +179,18 @@ def make_config(args) -> dict:
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     batch_size = resolve_batch_size(args)
+    for name in ("sharpness_every", "spectra_every"):
+        if getattr(args, name) < 0:
+            raise UsageError(f"--{name.replace('_', '-')} must be >= 0 (0: off), got "
+                             f"{getattr(args, name)}")
+    if args.sharpness_every and args.monitor != "fused":
+        raise UsageError(f"--monitor {args.monitor} cannot be paused while the sharpness is "
+                         f"measured (its statistics would count the Hessian's forwards): "
+                         f"add --sharpness-every 0")
+    if args.sharpness_probe is not None and args.sharpness_probe < 1:
+        raise UsageError(f"--sharpness-probe must be >= 1, got {args.sharpness_probe}")
+    probe = (args.sharpness_probe if args.sharpness_probe is not None else args.samples
+             if batch_size >= args.samples else DEFAULT_SHARPNESS_PROBE)
     if args.image_size < 4:
         raise UsageError(f"--image-size must be >= 4, got {args.image_size}")
     widths = list(DEFAULT_WIDTHS[args.arch] if args.widths is None else args.widths)
@@ -188,6 +218,8 @@ def make_config(args) -> dict:
         "scale_range": [float(lo), float(hi)], "rotation": bool(args.rotation),
         "noise": args.noise, "arch": args.arch, "widths": widths, "latent": args.latent,
         "batch_size": batch_size, "optimizer": args.optimizer, "window": args.window,
+        "sharpness_every": args.sharpness_every, "sharpness_probe": min(probe, args.samples),
+        "spectra_every": args.spectra_every,
     }
     return json.loads(json.dumps(config))
 
@@ -315,7 +347,7 @@ def run(args) -> int:
 
     ordered = {seed: {lr: results[seed][lr] for lr in config["lrs"]} for seed in config["seeds"]}
     t = time.perf_counter()
-    plots.write_all(ordered, out)
+    plots.write_all(ordered, out, config["optimizer"])
     path = report.write_report(ordered, config, os.path.join(out, "report.md"))
     print(f"figures and report ({time.perf_counter() - t:.1f} s): {path}")
     return 0
@@ -365,7 +397,9 @@ def _train_missing(todo, config, out, results, no_progress, factory) -> None:
                 model, train[0], test[0], test[1], lr=lr,
                 epochs=config["epochs"], batch_size=config["batch_size"],
                 optimizer=config["optimizer"], window=config["window"],
-                seed=seed, monitor=factory, progress=bar)
+                seed=seed, monitor=factory, progress=bar,
+                sharpness_every=config["sharpness_every"],
+                sharpness_probe=config["sharpness_probe"], spectra_every=config["spectra_every"])
             path = os.path.join(out, result_filename(seed, lr))
             save_result(path, res)
             results[seed][lr] = res
