@@ -180,7 +180,7 @@ def test_reproduce_writes_every_artifact_and_a_consistent_report(tmp_path, capsy
     # the sharpness table: Adam's threshold 38/lr and the late preconditioned value, recomputed
     sharp_rows = _table_rows(text, "lr | 38/lr")
     assert [r[0] for r in sharp_rows] == ["0.01", "0.001"]
-    for lr_text, limit, _first, _peak, _late, late_value, _raw in sharp_rows:
+    for lr_text, limit, _early, _peak, _late, late_value, _raw in sharp_rows:
         lr = float(lr_text)
         assert _close(limit, 38 / lr)
         late = [np.median(res[s][lr]["sharpness/preconditioned"][1:]) for s in SEEDS]  # 6, 8
@@ -353,3 +353,28 @@ def test_run_statistics_match_the_snapshot_reference(monitor, arch):
         r, g = np.asarray(ref[key], dtype=np.float64), np.asarray(got[key], dtype=np.float64)
         scale = np.nanmax(np.abs(r)) if np.isfinite(r).any() else 0.0
         np.testing.assert_allclose(g, r, rtol=1e-3, atol=1e-6 * scale, err_msg=key)
+
+
+def test_edge_of_stability_verdicts_follow_the_numbers():
+    from lrfluct_fast.experiments import probe_report
+
+    steps = np.arange(10, 110, 10)
+    rising = np.minimum(steps / 40, 1.02)  # reaches 2/lr x 1.02 and stays: at the edge
+    config = {"optimizer": "sgd", "batch_size": 32, "samples": 32, "sharpness_probe": 32,
+              "sharpness_every": 10}
+
+    def run(lr, fraction):
+        return {"lr": np.float64(lr), "sharpness/step": steps,
+                "sharpness/value": fraction * 2 / lr}
+
+    by_seed = {0: {1.0: run(1.0, rising), 0.1: run(0.1, rising / 10)},
+               1: {1.0: run(1.0, rising), 0.1: run(0.1, rising[::-1] / 10)}}
+    assert probe_report.threshold("adam", 0.01) == pytest.approx(3800)
+    text = "\n".join(probe_report.sharpness_section(by_seed, config))
+    claims = [l for l in text.splitlines() if l.startswith("- ")]
+    assert claims[0].startswith("- **Holds for every seed** (2 of 2) at lr 1 that the sharpness "
+                                "rises")
+    assert claims[1].startswith("- **Holds for every seed** (2 of 2) at lr 1 that it settles")
+    assert claims[2].startswith("- **Holds for some seeds** (1 of 2: seed 0) at lr 0.1")
+    assert claims[3].startswith("- **Holds for no seed** (0 of 2) at lr 0.1 that it settles")
+    assert "not the full batch" not in text and "Cohen et al. 2021" in text

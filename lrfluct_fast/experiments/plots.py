@@ -264,7 +264,7 @@ def spectra(by_seed: BySeed, path: str) -> None:
                        f"C{i % 10}", layer, lw=1.1)
             if key == "alpha":
                 ax.axhspan(*probe_report.ALPHA_RANGE, color="0.85", zorder=0)
-            if key == "top_singular":
+            if key != "alpha":  # both span decades; alpha a few units
                 _log_y(ax)
             ax.set_title(f"lr {lr:g}: {name}", fontsize=8)
             ax.tick_params(labelsize=7)

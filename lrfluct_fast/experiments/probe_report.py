@@ -11,8 +11,10 @@ at the Edge of Stability"): with full-batch gradient descent at step size lr the
 until it reaches 2/lr, then hovers around it. For Adam (Cohen et al. 2022, "Adaptive Gradient
 Methods at the Edge of Stability") the preconditioned sharpness does the same at
 (2 + 2 beta1) / ((1 - beta1) lr), 38/lr for torch's beta1 = 0.9. Checked per (seed, lr):
-  rises     the median of the second half of the measurements is above the first one
-  at edge   that median lies within EDGE (0.8 to 1.25) times the threshold
+  rises     late, the median of the measurements in the second half of training, is above
+            early, their median in its first quarter (a median: Adam's first steps, with a
+            tiny second moment, can give one huge preconditioned value)
+  at edge   late lies within EDGE (0.8 to 1.25) times the threshold
 The first measurement is after `sharpness_every` steps, the probe batch a fixed subset.
 
 Spectra (Martin & Mahoney, heavy-tailed self-regularization): training leaves the bulk of a
@@ -51,14 +53,16 @@ def tracked_key(optimizer: str) -> str:
 
 
 def sharpness_numbers(res, optimizer: str) -> dict[str, float]:
-    """The tracked sharpness's first value, peak and late value (median over the second half
-    of the measurements) as fractions of the threshold; late's value and raw sharpness."""
+    """The tracked sharpness's early value (median over the first quarter of training), peak
+    and late value (median over the second half) as fractions of the threshold; late's value
+    and raw sharpness."""
     steps = np.asarray(res["sharpness/step"], dtype=np.float64)
     tracked = np.asarray(res[tracked_key(optimizer)], dtype=np.float64)
     raw = np.asarray(res["sharpness/value"], dtype=np.float64)
     limit = threshold(optimizer, float(res["lr"]))
     late = steps > steps[-1] / 2  # the last measurement is always there
-    return {"first": tracked[0] / limit, "peak": tracked.max() / limit,
+    early = (steps <= steps[-1] / 4) | (steps == steps[0])  # the first one always
+    return {"early": float(np.median(tracked[early])) / limit, "peak": tracked.max() / limit,
             "late": float(np.median(tracked[late])) / limit,
             "late_value": float(np.median(tracked[late])),
             "raw_late": float(np.median(raw[late]))}
@@ -78,32 +82,33 @@ def sharpness_section(by_seed: BySeed, config: Mapping) -> list[str]:
     numbers = {s: {lr: sharpness_numbers(r[lr], optimizer) for lr in lrs}
                for s, r in by_seed.items()}
     over = {lr: {k: over_seeds(numbers[s][lr][k] for s in numbers)
-                 for k in ("first", "peak", "late", "late_value", "raw_late")} for lr in lrs}
+                 for k in ("early", "peak", "late", "late_value", "raw_late")} for lr in lrs}
     name = ("preconditioned sharpness (top eigenvalue of P^-1 H, P = sqrt(v_hat) + eps)"
             if optimizer == "adam" else "sharpness (top Hessian eigenvalue)")
     limit = "38/lr" if optimizer == "adam" else "2/lr"
     full_batch = int(config["batch_size"]) >= int(config["samples"])
-    columns = ["first", "peak", "late", "late_value"] + (["raw_late"] if optimizer == "adam"
+    columns = ["early", "peak", "late", "late_value"] + (["raw_late"] if optimizer == "adam"
                                                           else [])
-    header = ["lr", limit, "first / threshold", "peak / threshold", "late / threshold",
+    header = ["lr", limit, "early / threshold", "peak / threshold", "late / threshold",
               "late value"] + (["late sharpness (not preconditioned)"] if optimizer == "adam"
                                else [])
     text = [
         "## Sharpness and the edge of stability",
         f"The {name} of the training loss on the first {config['sharpness_probe']} training "
         f"images, every {config['sharpness_every']} optimizer steps and after the last, against "
-        f"its stability threshold {limit}. First: the first measurement; peak: the largest; "
-        f"late: the median over the second half of training; each as a fraction of {limit}.",
+        f"its stability threshold {limit}. Early: the median of the measurements in the first "
+        f"quarter of training; peak: the largest; late: their median in the second half; each "
+        f"as a fraction of {limit}.",
         markdown_table(header, [[f"{lr:g}", fmt(threshold(optimizer, lr))]
                                 + [over[lr][k].text(fmt) for k in columns] for lr in lrs]),
     ]
     claims = []
     for lr in lrs:
-        rises = {s: _above(numbers[s][lr]["late"], numbers[s][lr]["first"]) for s in numbers}
+        rises = {s: _above(numbers[s][lr]["late"], numbers[s][lr]["early"]) for s in numbers}
         edge = {s: _within(numbers[s][lr]["late"], EDGE) for s in numbers}
         claims.append(f"{claim_verdict(rises)} at lr {lr:g} that the {name.split(' (')[0]} "
-                      f"rises during training (progressive sharpening), late above first: "
-                      f"first {over[lr]['first'].text(fmt)}, late {over[lr]['late'].text(fmt)} "
+                      f"rises during training (progressive sharpening), late above early: "
+                      f"early {over[lr]['early'].text(fmt)}, late {over[lr]['late'].text(fmt)} "
                       f"x {limit}.")
         claims.append(f"{claim_verdict(edge)} at lr {lr:g} that it settles at the edge of "
                       f"stability, late within {EDGE[0]:g}-{EDGE[1]:g} x {limit}: late / "

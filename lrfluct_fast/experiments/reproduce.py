@@ -18,10 +18,14 @@ Defaults, chosen where the paper's text was not available, all options:
   model      MLP autoencoder 1024-256-64-16-64-256-1024, ReLU hidden, sigmoid output
   training   Adam, batch 64 (`--full-batch`: all images per step; with `--optimizer sgd`
              that is full-batch gradient descent), MSE; 150 epochs so the default run takes
-             about 1-2 minutes per seed on 2 CPU cores (the paper's window is 1000 epochs:
+             about 2 minutes per seed on 2 CPU cores (the paper's window is 1000 epochs:
              `--epochs 1000`)
   seeds      DEFAULT_SEEDS below; `--seed S` is the deprecated spelling of `--seeds S`
   statistics per-epoch windows (`--window 1`); the report uses the last one
+  probes     sharpness every 100 optimizer steps on the first 256 training images (all of
+             them with full batches), each layer's top singular value every step, its
+             spectral summary at every window's close (probes.py; 11-15 s of each lr's
+             32-34 s at these defaults, measured on 2 shared cores)
   monitor    `fused` = lrfluct_fast.instrument; `hooks` = the hook-based baseline
   device     cpu (the model is small; `--device cuda` when wanted), one torch thread
              (`--threads`: with 2 cores shared with other work, 2 threads ran a step
@@ -29,9 +33,10 @@ Defaults, chosen where the paper's text was not available, all options:
 
 Output folder (`--out`, default runs/reproduce): config.json (with the seeds),
 lr_<lr>_seed<s>.npz per learning rate and seed (written atomically as soon as that pair
-finishes; keys in train.py), five PNGs and report.md. Re-running with the same config skips
-the pairs already saved; a different config (other seeds included) is refused unless
-`--overwrite`, which deletes this command's files (and only those) first.
+finishes; keys in train.py and probes.py), seven PNGs (five without the probes) and
+report.md. Re-running with the same config skips the pairs already saved; a different config
+(other seeds included) is refused unless `--overwrite`, which deletes this command's files
+(and only those) first.
 """
 from __future__ import annotations
 
