@@ -178,6 +178,7 @@ def layer_summary(buffers: Mapping[str, np.ndarray], *, track: Mapping[str, bool
     "activation.moments", ..., "weight.tally", "weight.skipped", "weight.moments", "weight.master");
     "weight.spread" may stand in for the weight's temporal state, already reduced per neuron, and
     then "weight.temporal_var" is absent; "bias.spread" likewise for the bias's.
+    "weight.drift" and "weight.update_size" ([N], drift.per_neuron) are passed on when present.
     `weight_rows` maps a weight-shaped array to [N, fan_in], neuron j's incoming weights in
     row j (default: neurons are the first dim); "weight.temporal_var" keeps the weight's shape.
     """
@@ -194,6 +195,9 @@ def layer_summary(buffers: Mapping[str, np.ndarray], *, track: Mapping[str, bool
             s["weight.spread"] = weight_spread(tv if weight_rows is None else weight_rows(tv))
         else:
             s["weight.spread"] = np.sqrt(temporal_var(*_temporal(b, "weight"))).reshape(-1)
+    for key in ("weight.drift", "weight.update_size"):  # drift=True, already per neuron (drift.py)
+        if key in b:
+            s[key] = _f64(b[key])
     if track["bias"]:
         s["bias.spread"] = (_f64(b["bias.spread"]) if "bias.spread" in b
                             else np.sqrt(temporal_var(*_temporal(b, "bias"))).reshape(-1))

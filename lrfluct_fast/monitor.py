@@ -40,6 +40,11 @@ Options (keyword arguments of `instrument`; options.py checks each one's type an
   overlap_weights  True: step()'s weight update runs on a side CUDA stream, overlapping the
                next forward; the next optimizer step, summaries, state_dict and windows wait
                for it on the device (overlap.py). CUDA parameters only. Default False.
+  drift        True: summaries gain "weight.drift" (each neuron's L2 distance from its weights
+               at the first observed step) and "weight.update_size" (the mean L2 norm of its
+               weights' change per observed step); see drift.py for reset, every, windows,
+               resume and FSDP. Two weight-sized copies of state and about three extra reads
+               of the weights per observed step. Default False.
 
 Threads: summary(), metrics() and state_dict() may be called from any thread and return
 the statistics of one moment (reads.py: another thread's read is served at the training
@@ -65,7 +70,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from . import distributed, fsdp, metrics, ops, rundir, windows
+from . import distributed, drift, fsdp, metrics, ops, rundir, windows
 from . import options as options_
 from .layers import kind_of, parameter_kind, parameter_value
 from .nn import GradScale, LayerState, unwrap, wrap
@@ -96,6 +101,7 @@ class Monitor:
         self._grad_scale = grad_scale
         self._warned: set[tuple[str, str]] = set()  # (layer, kind) already warned of no data
         self._plan: _StepPlan | None = None  # what step() records, checked once (see _StepPlan)
+        self._drift_observed = 0  # observed steps in the drift state (drift=True; drift.py)
         self._sampling = True
         self._removed = False
         self._run: rundir.RunLog | None = None  # the run directory, with instrument(log_dir=...)
@@ -117,10 +123,13 @@ class Monitor:
         self._check_live()
         if self.steps % self.options["every"] == 0:
             plan = self._plan if self._plan is not None and self._plan.valid() else self._new_plan()
+            started = self._drift_observed > 0
             if self._weight_stream is not None:
-                self._weight_stream.run(lambda: self._update_weights(plan))
+                self._weight_stream.run(lambda: self._update_weights(plan, started))
             else:
-                self._update_weights(plan)
+                self._update_weights(plan, started)
+            if plan.drift is not None:
+                self._drift_observed += 1
         self.steps += 1
         if self._grad_scale is not None:
             self._commit_scaled_gradients()
@@ -140,10 +149,13 @@ class Monitor:
         if reads.pending is not None:  # another thread waits for a step boundary to read at
             reads.serve(lambda: self._statistics(copy=True))
 
-    def _update_weights(self, plan: "_StepPlan") -> None:
+    def _update_weights(self, plan: "_StepPlan", drift_started: bool) -> None:
         values = plan.values + [_computed_value(m, st, role) for m, st, role in plan.computed]
         if values:
             ops.temporal_update(values, *plan.temporal)
+        if plan.drift is not None:
+            plan.drift.update([v if isinstance(v, torch.Tensor) else _raw_weight(m, st)
+                               for v, m, st in plan.drift_values], drift_started)
 
     def wait_for_weights(self) -> None:
         """With overlap_weights=True: make the current CUDA stream wait for the last weight
@@ -162,14 +174,22 @@ class Monitor:
             for role in ("weight", "bias"):
                 if not st.track[role] or (role == "weight" and st.weight_shared_with is not None):
                     continue
-                value = st.local_value(role, parameter_value(m, st.params[role]))
-                st.check_placement(f"its {role}", value, st.recorded_shape(role))
+                value = _checked_value(m, st, role)
                 direct = (isinstance(value, nn.Parameter) and role not in st.shards
                           and (role == "bias" or st.weight_mode == "element"))
                 if direct:  # the parameter itself, read in place: nothing to compute per step
                     plan.read_in_place(m, st.params[role], value, st.temporal_state(role))
                 else:       # parametrized, or the per-neuron RMS: computed each step
                     plan.compute(m, st, role, st.temporal_state(role))
+        drifting = [(name, st) for name, st in self.states.items() if drift.has_state(st.buffers)]
+        if drifting:
+            plan.drift = drift.DriftStep(st for _, st in drifting)
+            for name, st in drifting:
+                value = _checked_value(self.layers[name], st, "weight")
+                if isinstance(value, nn.Parameter):  # read in place, watched like the others
+                    plan.watch(self.layers[name], st.params["weight"], value)
+                plan.drift_values.append((value.detach() if isinstance(value, nn.Parameter) else None,
+                                          self.layers[name], st))  # else computed each step
         plan.temporal = plan.states()
         self._plan = plan
         return plan
@@ -203,6 +223,7 @@ class Monitor:
         step count. Closed windows not read yet stay readable (closed_windows())."""
         self._check_live()
         self.steps = 0
+        self._drift_observed = 0
         self._warned.clear()
         self._sampling = True
         for _, st in self._states():
@@ -221,13 +242,25 @@ class Monitor:
         the wait while the statistics keep changing without one."""
         self._check_live()
         buffers, steps = self._read("summary()", timeout)
-        host = distributed.host_buffers({name: windows.whole_run(bufs) for name, bufs in buffers.items()},
+        host = distributed.host_buffers({name: drift.reduced(self.states[name], windows.whole_run(bufs))
+                                         for name, bufs in buffers.items()},
                                         self._states())  # every rank's batches, gathered spreads
         out = {name: metrics.layer_summary(host[name], track=st.track, weight_mode=st.weight_mode,
                                            steps=steps, weight_rows=_numpy(st.weight_rows))
                for name, st in self._states()}
         self._warn_unobserved(out)
+        self._warn_nonfinite_drift(out)
         return out
+
+    def _warn_nonfinite_drift(self, summaries) -> None:
+        """One warning naming each layer (once) whose weights were non-finite (drift=True)."""
+        bad = [name for name in drift.nonfinite_layers(summaries, self._drift_observed)
+               if (name, "drift") not in self._warned]
+        if bad:
+            self._warned.update((name, "drift") for name in bad)
+            warnings.warn(f"lrfluct_fast: non-finite weights in layer(s) {', '.join(map(repr, bad))}: "
+                          f"their weight.drift / weight.update_size are nan for the neurons "
+                          f"concerned", RuntimeWarning, stacklevel=3)
 
     def _read(self, what: str, timeout) -> tuple[dict[str, dict[str, torch.Tensor]], int]:
         """({layer: {buffer key: tensor}}, steps) of one moment (see summary())."""
@@ -354,7 +387,7 @@ class Monitor:
             sd = {**sd, "layers": {name: LayerState.upgrade_single_level(saved)
                                    for name, saved in sd["layers"].items()}}
         saved_opts, opts = ({k: v for k, v in {**options_.DEFAULTS, **o}.items()
-                             if k not in rundir.LOG_OPTIONS}
+                             if k not in rundir.LOG_OPTIONS + options_.FREE_AT_RESUME}
                             for o in (sd["options"], self.options))  # DEFAULTS: options added later
         if saved_opts != opts:
             raise ValueError(f"monitor options differ: saved {saved_opts}, now {opts}")
@@ -362,16 +395,32 @@ class Monitor:
         if set(sd["layers"]) != set(self.layers):
             raise ValueError(f"monitored layers differ: saved {sorted(sd['layers'])}, "
                              f"now {sorted(self.layers)}")
+        # drift state (drift.py): restored when every drifting layer has it, else started anew
+        drift_saved = all(drift.has_state(sd["layers"][name]) for name, st in self._states()
+                          if drift.has_state(st.buffers))
         for name, st in self._states():
             saved = sd["layers"][name]
             for key, t in st.buffers.items():
+                if key.startswith(drift.PREFIX) and not drift_saved:
+                    continue
                 if not isinstance(saved.get(key), torch.Tensor) or saved[key].shape != t.shape:
                     raise ValueError(f"state of layer {name!r}: {key} missing or of another shape")
         if self._run is not None:
             self._run.load_state_dict(sd.get("run"), int(sd["steps"]))
+        self._drift_observed = 0
         for name, st in self._states():
             for key, t in st.buffers.items():
+                if key.startswith(drift.PREFIX) and not drift_saved:
+                    t.zero_()
+                    continue
                 t.copy_(sd["layers"][name][key])
+                if key == drift.PREFIX + "tally":
+                    self._drift_observed = int(t[0])
+        if not drift_saved:
+            warnings.warn("lrfluct_fast: the monitor state holds no drift state (saved with "
+                          "drift=False or by an older version): weight.drift and "
+                          "weight.update_size count from the first step after this load",
+                          RuntimeWarning, stacklevel=2)
             if st.staged is not None:
                 for t in st.staged:
                     t.zero_()
@@ -460,11 +509,19 @@ class _StepPlan:
         self.computed: list[tuple[nn.Module, LayerState, str]] = []
         self._direct_states, self._computed_states = [], []
         self._watch: list[tuple[dict, str, nn.Parameter, int, torch.dtype]] = []
+        # drift=True (drift.py): the pass, and per layer (its weight read in place or None:
+        # computed each step, module, LayerState)
+        self.drift: drift.DriftStep | None = None
+        self.drift_values: list[tuple[torch.Tensor | None, nn.Module, LayerState]] = []
 
-    def read_in_place(self, module: nn.Module, attr: str, p: nn.Parameter, state: list) -> None:
+    def watch(self, module: nn.Module, attr: str, p: nn.Parameter) -> None:
+        """Keep the plan while module.<attr> is still `p`, with the same storage and dtype."""
         owner_path, _, name = attr.rpartition(".")
         owner = module.get_submodule(owner_path) if owner_path else module
         self._watch.append((owner._parameters, name, p, p.data_ptr(), p.dtype))
+
+    def read_in_place(self, module: nn.Module, attr: str, p: nn.Parameter, state: list) -> None:
+        self.watch(module, attr, p)
         self.values.append(p.detach())
         self._direct_states.append(state)
 
@@ -481,11 +538,23 @@ class _StepPlan:
                    for params, name, p, ptr, dtype in self._watch)
 
 
-def _computed_value(module: nn.Module, state: LayerState, role: str) -> torch.Tensor:
-    """This step's observation of a weight or bias step() cannot read in place, checked first."""
+def _checked_value(module: nn.Module, state: LayerState, role: str) -> torch.Tensor:
+    """A layer's weight or bias as step() records it (its local shard under FSDP), refused
+    when moved, cast or replaced since instrument."""
     value = state.local_value(role, parameter_value(module, state.params[role]))
     state.check_placement(f"its {role}", value, state.recorded_shape(role))
+    return value
+
+
+def _computed_value(module: nn.Module, state: LayerState, role: str) -> torch.Tensor:
+    """This step's observation of a weight or bias step() cannot read in place, checked first."""
+    value = _checked_value(module, state, role)
     return state.weight_observation(value) if role == "weight" else value.detach()
+
+
+def _raw_weight(module: nn.Module, state: LayerState) -> torch.Tensor:
+    """This step's weight values (a parametrized weight computed), checked first."""
+    return _checked_value(module, state, "weight").detach()
 
 
 def _parameters_of(module: nn.Module, state: LayerState):
@@ -529,7 +598,8 @@ def instrument(model: nn.Module, **options) -> Monitor:
     for name, m in model.named_modules():
         if hasattr(m, "_lrfluct"):
             raise ValueError(f"module {name!r} is already instrumented; call remove() on its Monitor first")
-    layer_opts = {k: opts[k] for k in ("activations", "gradients", "weights", "biases", "weight_mode")}
+    layer_opts = {k: opts[k] for k in ("activations", "gradients", "weights", "biases", "weight_mode",
+                                       "drift")}
     states, layers, skipped, wrapped = {}, {}, [], []  # wrapped: names of layers of a kind
     for name, m in model.named_modules():
         if isinstance(m, parametrize.ParametrizationList):
@@ -565,6 +635,8 @@ def instrument(model: nn.Module, **options) -> Monitor:
             if owner is not st:
                 st.share_weight_state(owner)
     windows.check_sharded(opts["windows"] or {}, states)
+    if opts["drift"]:
+        drift.check(states)
     if opts["overlap_weights"]:
         overlap.check_device(next(iter(states.values())).device)
     for name in wrapped:  # every state is built: only now is the model touched

@@ -18,9 +18,13 @@ from . import distributed, metrics, rundir, windows
 DEFAULTS = dict(activations=True, gradients=True, weights=True, biases=True, every=1,
                 weight_mode="element", dead_threshold=0.01, energy="weight",
                 log_dir=None, log_every=100, summary_every=1000, tensorboard=False,
-                log_errors="warn", grad_scaler=None, windows=None, overlap_weights=False)
+                log_errors="warn", grad_scaler=None, windows=None, overlap_weights=False,
+                drift=False)
 
 WEIGHT_MODES = ("element", "neuron")
+# options that may differ between a saved state (or a run directory) and the monitor resuming
+# it: the statistics they add start at the resume (drift.py)
+FREE_AT_RESUME = ("drift",)
 LOG_ERRORS = ("warn", "raise")
 
 
@@ -96,8 +100,11 @@ def check(options: dict[str, Any]) -> dict[str, Any]:
         raise TypeError(f"instrument() got unknown options {sorted(unknown)}; "
                         f"known: {sorted(DEFAULTS)}")
     opts = {**DEFAULTS, **options}
-    for key in ("activations", "gradients", "weights", "biases", "tensorboard", "overlap_weights"):
+    for key in ("activations", "gradients", "weights", "biases", "tensorboard", "overlap_weights",
+                "drift"):
         check_flag(key, opts[key])
+    if opts["drift"] and not opts["weights"]:
+        raise ValueError("drift=True measures the weights: it needs weights=True")
     for key in ("every", "log_every", "summary_every"):
         check_count(key, opts[key])
         opts[key] = int(opts[key])  # a numpy integer too; saved in run.json: a plain int

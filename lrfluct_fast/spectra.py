@@ -51,6 +51,7 @@ MIN_EIGENVALUES = 10       # fewer positive eigenvalues: alpha is nan (WeightWat
 _CANDIDATES_PER_CHUNK = 1 << 20  # (candidate, tail point) pairs of one KS block: 8 MiB per array
 _COMPACT_EVERY = 256       # pending device estimates per layer stacked into one tensor
 _SUMMARY_KEYS = ("spectral_norm", "stable_rank", "alpha", "alpha_xmin", "alpha_ks")
+_LOGGED_KEYS = ("spectral_norm", "stable_rank", "alpha")  # to a Monitor's scalars.csv
 
 
 def fit_power_law(eigenvalues) -> tuple[float, float, float]:
@@ -231,6 +232,10 @@ class SpectraTracker:
     model_or_monitor  a Monitor (its layers) or an nn.Module (its layers of registered kinds)
     every      step(step) measures when step % every == 0 (an int >= 1)
     layers     names of the layers to track (None: every layer that can be)
+
+    With a Monitor that has a run directory, each summary() is also logged to its scalars.csv
+    at the monitor's step, as "spectra/{layer}/{quantity}" for top_singular (the latest
+    estimate), spectral_norm, stable_rank and alpha.
     """
 
     def __init__(self, model_or_monitor, *, every: int = 1, layers: Iterable[str] | None = None):
@@ -238,6 +243,7 @@ class SpectraTracker:
             raise ValueError(f"SpectraTracker: every must be an int >= 1, got {every!r}")
         self.every = every
         candidates = _candidate_layers(model_or_monitor)
+        self._monitor = model_or_monitor if not isinstance(model_or_monitor, nn.Module) else None
         if layers is not None:
             if isinstance(layers, str):
                 raise TypeError(f"SpectraTracker: layers must be a list of layer names, got the "
@@ -319,7 +325,19 @@ class SpectraTracker:
                 warnings.warn(f"SpectraTracker.summary: layer {name!r}'s weight has non-finite "
                               f"elements: its spectrum is nan", RuntimeWarning, stacklevel=2)
                 out[name] = dict.fromkeys(_SUMMARY_KEYS, math.nan)
+        if self._monitor is not None:
+            self._log(out)
         return out
+
+    def _log(self, summaries: dict[str, dict[str, float]]) -> None:
+        values = {}
+        latest = self.top_singular() if self._history["step"] else {}
+        for name, summary in summaries.items():
+            if name in latest:
+                values[f"spectra/{name}/top_singular"] = latest[name]
+            for key in _LOGGED_KEYS:
+                values[f"spectra/{name}/{key}"] = summary[key]
+        self._monitor.log_scalars(values)
 
 
 def _candidate_layers(model_or_monitor) -> dict[str, tuple[nn.Module, str, object]]:

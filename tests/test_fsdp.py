@@ -163,6 +163,7 @@ def _refusals(rank, world, mesh):
     windowed = shard(build(), mesh)  # windows of sharded weights or biases
     refused("windows", lambda: lf.instrument(windowed, windows={"weight": 2, "bias": 3}))
     out["windows_left_unwrapped"] = not any(hasattr(m, "_lrfluct") for m in windowed.modules())
+    refused("drift", lambda: lf.instrument(shard(build(), mesh), drift=True))
 
     late = build()  # instrumented, then sharded: refused at the first step
     mon = lf.instrument(late)
@@ -395,3 +396,5 @@ def test_refusals(ranks):
         assert "windows of ['bias', 'weight']" in got["windows"] and "FSDP2" in got["windows"]
         assert "block1.down.weight" in got["windows"] and ", ..." in got["windows"]
         assert got["windows_left_unwrapped"]
+        assert "drift=True is not supported for weights sharded by FSDP2" in got["drift"]
+        assert "all_reduce inside every step" in got["drift"]

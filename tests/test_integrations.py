@@ -35,6 +35,16 @@ def logged_steps(run_dir) -> list[int]:
     return sorted(int(s) for s in per_step)
 
 
+def assert_page_shows(run_dir, layer: str) -> None:
+    """`lrfluct show` renders the run directory a framework run wrote."""
+    from lrfluct_fast.cli import main
+    out = os.path.join(run_dir, "page.html")
+    assert main(["show", run_dir, "--out", out]) == 0
+    with open(out, encoding="utf-8") as f:
+        page = f.read()
+    assert layer in page and "participation_ratio" in page
+
+
 def wrapped(model) -> list[str]:
     return [name for name, m in model.named_modules() if hasattr(m, "_lrfluct")]
 
@@ -120,6 +130,7 @@ def test_hf_trainer_run_checkpoint_and_resume(tmp_path):
     assert_same_summaries(uninterrupted, resumed.monitor.summary())
     resumed.monitor.remove()
     assert logged_steps(run_dir) == [1, 2, 3, 4]
+    assert_page_shows(run_dir, "transformer.h.0.mlp.c_fc")
 
 
 def test_hf_gradient_accumulation_counts_optimizer_steps_and_removes(tmp_path):
@@ -257,6 +268,7 @@ def test_lightning_fit_checkpoint_and_resume(tmp_path):
     assert_same_summaries(uninterrupted, resumed.monitor.summary())
     resumed.monitor.remove()
     assert logged_steps(run_dir) == [1, 2, 3, 4]
+    assert_page_shows(run_dir, "net.0")
 
 
 @pytest.mark.filterwarnings("ignore:`training_step` returned `None`")

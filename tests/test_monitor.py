@@ -592,7 +592,7 @@ BAD_OPTIONS = [  # (option, value, error): every option of instrument, each kind
     ("tensorboard", "yes", TypeError), ("tensorboard", 1, TypeError),
     ("log_errors", "ignore", ValueError), ("log_errors", None, TypeError),
     ("grad_scaler", "x", TypeError), ("windows", [1], TypeError),
-    ("overlap_weights", "yes", TypeError),
+    ("overlap_weights", "yes", TypeError), ("drift", 1, TypeError),
 ]
 
 

@@ -153,6 +153,34 @@ def test_tracker_of_a_monitor_changes_nothing():
     assert tracker.history["step"] == [0, 2, 4]
 
 
+def test_summary_of_a_monitor_is_logged_to_its_run_directory(tmp_path):
+    """summary() of a tracker on a Monitor with log_dir: a scalars.csv row per layer and
+    quantity at the monitor's step, equal to what summary() returned."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 4))
+    mon = lf.instrument(model, log_dir=str(tmp_path))
+    tracker = SpectraTracker(mon)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    logged = []
+    for step in range(6):
+        opt.zero_grad()
+        model(torch.randn(8, 12)).square().mean().backward()
+        opt.step()
+        mon.step()
+        tracker.step(step)
+        if step % 3 == 2:
+            logged.append((mon.steps, tracker.summary(), tracker.top_singular()))
+    mon.close()
+    scalars = lf.load_run(tmp_path).scalars
+    for layer in ("0", "2"):
+        for key in ("spectral_norm", "stable_rank", "alpha", "top_singular"):
+            steps, values = scalars[f"spectra/{layer}/{key}"]
+            assert steps.tolist() == [at for at, _, _ in logged]
+            want = [top[layer] if key == "top_singular" else summary[layer][key]
+                    for _, summary, top in logged]
+            np.testing.assert_allclose(values, want, rtol=1e-12, equal_nan=True)
+
+
 # -- spectral_summary ----------------------------------------------------------------------
 
 @pytest.mark.parametrize("shape", [(30, 20), (20, 30), (8, 3, 3, 3), (5, 4, 7)])

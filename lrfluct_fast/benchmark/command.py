@@ -37,7 +37,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--modes", nargs="+", default=None,
                    help=f"any of {', '.join(runner.known_modes())} (default: "
                         f"{', '.join(runner.available_modes())}); lrfluct-neuron and "
-                        "lrfluct-no-weights split lrfluct's cost")
+                        "lrfluct-no-weights split lrfluct's cost, lrfluct-drift adds drift=True's")
     p.add_argument("--out", default="runs/bench", help="output directory (default runs/bench)")
     p.add_argument("--scaling", action="store_true",
                    help="also measure overhead against width, layers and batch (MLP), and "

@@ -33,6 +33,7 @@ LRFLUCT_VARIANTS = {
     "lrfluct": {},
     "lrfluct-neuron": {"weight_mode": "neuron"},                  # O(neurons) weight statistics
     "lrfluct-no-weights": {"weights": False, "biases": False},    # activations + gradients only
+    "lrfluct-drift": {"drift": True},                             # + weight.drift, weight.update_size
 }
 
 

@@ -13,7 +13,7 @@ import math
 import torch
 from torch import nn
 
-from .. import _backend, fsdp, ops
+from .. import _backend, drift as drift_, fsdp, ops
 from ..layers import LayerKind, parameter_value
 
 TEMPORAL_PARTS = ("tally", "skipped", "moments", "master")  # buffer names of a temporal state (ops.new_state)
@@ -73,7 +73,7 @@ class LayerState:
 
     def __init__(self, name: str, module: nn.Module, kind: LayerKind, *, activations: bool,
                  gradients: bool, weights: bool, biases: bool, weight_mode: str,
-                 grad_scale: GradScale | None = None):
+                 drift: bool = False, grad_scale: GradScale | None = None):
         self.name = name
         self.kind = kind
         self.rows = kind.rows(module) if kind.rows is not None else None
@@ -126,6 +126,8 @@ class LayerState:
                                else self.weight_observation(self.local_value("weight", weight)))
         if self.track["bias"]:
             self._add_temporal("bias", self.local_value("bias", bias))
+        if drift and self.track["weight"]:  # each neuron's distance from its first weights (drift.py)
+            drift_.add_state(self, self.local_value("weight", weight))
         self.bias_shape = None if bias is None else tuple(bias.shape)
         # the neurons are one dim of the output (`dim_of`): z is read in place as [B, N, S]
         self._dim_of = getattr(self.rows, "dim_of", None)

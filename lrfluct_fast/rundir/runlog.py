@@ -107,9 +107,10 @@ class RunLog:
                                  f"{RUN_FILE}: choose an empty directory")
             return self._create()
         theirs = read_run_info(self.path)
-        stats = {k: v for k, v in self.info["options"].items() if k not in LOG_OPTIONS}
+        free = LOG_OPTIONS + options.FREE_AT_RESUME
+        stats = {k: v for k, v in self.info["options"].items() if k not in free}
         their_stats = {k: v for k, v in {**options.DEFAULTS, **theirs.get("options", {})}.items()
-                       if k not in LOG_OPTIONS}  # DEFAULTS: options added since that run
+                       if k not in free}  # DEFAULTS: options added since that run
         if theirs["layers"] != self.info["layers"] or their_stats != stats:
             raise ValueError(
                 f"log_dir {self.path} holds run {theirs['run_id']} of other layers or options "

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 import numpy as np
-from .. import distributed, fsdp, metrics, ops, windows
+from .. import distributed, drift, fsdp, metrics, ops, windows
 from .files import (METRICS_FILE, SCALARS_FILE, SCALARS_HEADER, SUMMARY_DIR, TB_DIR, atomic_write,
                     csv_header, cut_partial_line, cut_window_records, window_file)
 
@@ -44,7 +44,8 @@ def snapshot(states, *, per_rank: bool = True, kinds=None, spreads=None) -> dict
     replaced by its per-neuron "weight.spread"; per_rank=False leaves out the activation and
     gradient statistics (they travel through distributed.pack instead). The temporal state of
     FSDP-sharded weights and biases is left out: `spreads` (fsdp.gathered_spreads) stand in
-    for it.
+    for it. The drift state (drift=True, weight-sized) is replaced by its per-neuron
+    "weight.drift" and "weight.update_size".
     """
     out = {}
     for name, st in states:
@@ -59,9 +60,11 @@ def snapshot(states, *, per_rank: bool = True, kinds=None, spreads=None) -> dict
         for key, t in buffers.items():
             kind = key.partition(".")[0]
             if ((kind == "weight" and element) or (kind in distributed.PER_RANK and not per_rank)
-                    or kind in sharded):
+                    or kind in sharded or key.startswith(drift.PREFIX)):
                 continue
             snap[key] = t.clone()
+        if drift.has_state(buffers):
+            snap.update(drift.per_neuron(st, buffers))
         if element:
             snap["weight.spread"] = _weight_spread(st, *st.temporal_state("weight", buffers))
         snap.update((spreads or {}).get(name, {}))
