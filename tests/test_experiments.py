@@ -107,66 +107,139 @@ def _close(text: str, value) -> bool:
     return np.isclose(float(text), value, rtol=1e-3, atol=0)
 
 
+def _over_two_seeds(cell: str, values) -> bool:
+    """A report cell "mean (min–max)" against the two seeds' values."""
+    m = re.fullmatch(r"(\S+) \((\S+)–(\S+)\)", cell)
+    assert m, cell
+    return all(_close(t, v) for t, v in zip(m.groups(), (np.mean(values), min(values),
+                                                          max(values))))
+
+
+SEEDS = (0, 1)
+
+
+def _load(out, lrs=(1e-2, 1e-3)):
+    return {s: {lr: reproduce.load_result(str(out / reproduce.result_filename(s, lr)))
+                for lr in lrs} for s in SEEDS}
+
+
 def test_reproduce_writes_every_artifact_and_a_consistent_report(tmp_path, capsys):
     out = tmp_path / "run"
-    code, _, err = _run(capsys, *TINY, *LRS, "--out", str(out))
+    code, _, err = _run(capsys, *TINY, *LRS, "--seeds", *map(str, SEEDS), "--sharpness-every",
+                        "3", "--out", str(out))
     assert code == 0, err
-    for name in ("config.json", "report.md", "lr_0.01.npz", "lr_0.001.npz", *FIGURES):
+    names = [f"lr_{lr}_seed{s}.npz" for s in SEEDS for lr in ("0.01", "0.001")]
+    for name in ("config.json", "report.md", *names, *FIGURES):
         assert (out / name).stat().st_size > 0, name
     assert not [p for p in os.listdir(out) if p.endswith(".tmp")]
+    assert '"seeds": [\n    0,\n    1\n  ]' in (out / "config.json").read_text()
 
-    res = {lr: reproduce.load_result(str(out / f"lr_{lr:g}.npz")) for lr in (1e-2, 1e-3)}
-    layers = [str(n) for n in res[1e-2]["layers"]]
-    assert res[1e-2]["history/train_loss"].shape == (2,)
-    assert res[1e-2][f"history/{layers[0]}/weight.spread"].shape == (2, 16)
-    assert int(res[1e-2][f"summary/{layers[0]}/steps"]) == 4  # last window: one epoch, 32 / 8
+    res = _load(out)
+    layers = [str(n) for n in res[0][1e-2]["layers"]]
+    for s in SEEDS:
+        assert int(res[s][1e-2]["seed"]) == s
+        assert res[s][1e-2]["history/train_loss"].shape == (2,)
+        assert res[s][1e-2][f"history/{layers[0]}/weight.spread"].shape == (2, 16)
+        assert int(res[s][1e-2][f"summary/{layers[0]}/steps"]) == 4  # one epoch, 32 / 8
+        # sharpness every 3 steps and after the last (8); spectra every step and window
+        r = res[s][1e-2]
+        assert r["sharpness/step"].tolist() == [3, 6, 8]
+        assert r["sharpness/value"].shape == r["sharpness/preconditioned"].shape == (3,)
+        assert r["spectra/step"].tolist() == list(range(1, 9))
+        assert r["spectra/epoch"].tolist() == [0, 1, 2]
+        for layer in layers:
+            assert r[f"spectra/{layer}/top_singular"].shape == (8,)
+            for key in ("alpha", "stable_rank", "spectral_norm"):
+                assert r[f"spectra/{layer}/{key}"].shape == (3,)
+        # the tracked top singular value ends near the exact one of the last summary
+        assert np.isclose(r[f"spectra/{layers[0]}/top_singular"][-1],
+                          r[f"spectra/{layers[0]}/spectral_norm"][-1], rtol=0.1)
+    # each seed draws its own data and initial weights
+    assert not np.array_equal(res[0][1e-2]["recon/inputs"], res[1][1e-2]["recon/inputs"])
 
     text = (out / "report.md").read_text()
-    assert "reproduce --lrs 0.01 0.001 --epochs 2" in text
+    assert "reproduce --lrs 0.01 0.001 --epochs 2 --seeds 0 1" in text
+    assert "Two seeds (0, 1)" in text and "range (min–max)" in text
     rows = _table_rows(text, "lr")
     assert [r[0] for r in rows] == ["0.01", "0.001"]
     for r in rows:
-        assert _close(r[1], res[float(r[0])]["final/test_loss"])
-        assert _close(r[2], res[float(r[0])]["final/train_loss"])
+        lr = float(r[0])
+        assert _over_two_seeds(r[1], [res[s][lr]["final/test_loss"] for s in SEEDS])
+        assert _over_two_seeds(r[2], [res[s][lr]["final/train_loss"] for s in SEEDS])
     layer_rows = _table_rows(text, "lr | layer")
     assert len(layer_rows) == 2 * len(layers)
     for lr_text, layer, _relu, n, pr, _pr_n, dead, _active, _spread, sos, *_ in layer_rows:
-        r = res[float(lr_text)]
-        assert int(n) == r[f"summary/{layer}/weight.spread"].size
-        assert _close(pr, r[f"metrics/{layer}/participation_ratio"])
-        assert _close(dead, r[f"metrics/{layer}/dead_fraction"])
-        assert _close(sos, r[f"metrics/{layer}/spread_of_spread"])
+        r = {s: res[s][float(lr_text)] for s in SEEDS}
+        assert int(n) == r[0][f"summary/{layer}/weight.spread"].size
+        assert _over_two_seeds(pr, [r[s][f"metrics/{layer}/participation_ratio"] for s in SEEDS])
+        assert _over_two_seeds(dead, [r[s][f"metrics/{layer}/dead_fraction"] for s in SEEDS])
         # the saved metric is the spread of the saved spreads
-        assert _close(sos, np.std(r[f"summary/{layer}/weight.spread"]))
-    assert re.search(r"\*\*(Agrees|Partly agrees|Does not agree|Cannot tell)\*\*", text)
+        assert _over_two_seeds(sos, [np.std(r[s][f"summary/{layer}/weight.spread"])
+                                     for s in SEEDS])
+
+    # the sharpness table: Adam's threshold 38/lr and the late preconditioned value, recomputed
+    sharp_rows = _table_rows(text, "lr | 38/lr")
+    assert [r[0] for r in sharp_rows] == ["0.01", "0.001"]
+    for lr_text, limit, _early, _peak, _late, late_value, _raw in sharp_rows:
+        lr = float(lr_text)
+        assert _close(limit, 38 / lr)
+        late = [np.median(res[s][lr]["sharpness/preconditioned"][1:]) for s in SEEDS]  # 6, 8
+        assert _over_two_seeds(late_value, late)
+    assert "## Weight spectra" in text and "Martin & Mahoney" in text
+
+    # the dead-fraction claim's verdict, recomputed from the files
+    def dead(r):
+        relus = [str(n) for n in r["relu_layers"]]
+        n = [r[f"summary/{l}/weight.spread"].size for l in relus]
+        return sum(float(r[f"metrics/{l}/dead_count"]) for l in relus) / sum(n)
+
+    holds = [s for s in SEEDS if dead(res[s][1e-2]) > dead(res[s][1e-3])]
+    word = ("no seed", "some seeds", "every seed")[(len(holds) > 0) + (len(holds) == 2)]
+    line = next(l for l in text.splitlines() if "higher dead fraction" in l)
+    assert line.startswith(f"- **Holds for {word}** ({len(holds)} of 2"), line
+    verdicts = re.findall(r"^- \*\*(Holds for every seed|Holds for some seeds|Holds for no seed|"
+                          r"Cannot tell)\*\*", text, flags=re.M)
+    assert len(verdicts) == 7 + 2 * 2  # the paper's, and two sharpness claims per lr
 
 
-def test_reproduce_resumes_and_survives_an_interrupt(tmp_path, capsys, monkeypatch):
+def test_reproduce_resumes_every_seed_and_survives_an_interrupt(tmp_path, capsys, monkeypatch):
     out = tmp_path / "run"
     from lrfluct_fast.experiments import train
     real = train.train_autoencoder
-    calls = []
+    calls, interrupted = [], []
 
     def interrupted_on_second(*args, **kwargs):
-        calls.append(kwargs["lr"])
-        if len(calls) == 2:
+        calls.append((kwargs["seed"], kwargs["lr"]))
+        if len(calls) == 2 and not interrupted:
+            interrupted.append(True)
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
     monkeypatch.setattr(train, "train_autoencoder", interrupted_on_second)
-    code, _, err = _run(capsys, *TINY, *LRS, "--out", str(out))
+    argv = [*TINY, *LRS, "--seeds", "0", "1", "--sharpness-every", "0", "--spectra-every", "0",
+            "--out", str(out)]
+    code, _, err = _run(capsys, *argv)
     assert code == 130
-    assert (out / "lr_0.01.npz").exists() and not (out / "lr_0.001.npz").exists()
+    assert sorted(p for p in os.listdir(out) if p.endswith(".npz")) == ["lr_0.01_seed0.npz"]
     assert not [p for p in os.listdir(out) if p.endswith(".tmp")]
-    first = (out / "lr_0.01.npz").read_bytes()
+    first = (out / "lr_0.01_seed0.npz").read_bytes()
 
     calls.clear()
-    code, _, err = _run(capsys, *TINY, *LRS, "--out", str(out))
+    code, _, err = _run(capsys, *argv)
     assert code == 0, err
-    assert calls == [1e-3]  # the finished lr is skipped
-    assert "lr 0.01: found lr_0.01.npz, skipped" in err
-    assert (out / "lr_0.01.npz").read_bytes() == first
-    assert (out / "report.md").exists()
+    assert calls == [(0, 1e-3), (1, 1e-2), (1, 1e-3)]  # the finished pair is skipped
+    assert "seed 0 lr 0.01: found lr_0.01_seed0.npz, skipped" in err
+    assert (out / "lr_0.01_seed0.npz").read_bytes() == first
+    text = (out / "report.md").read_text()
+    # sharpness and spectra off: no keys, figures or sections
+    assert not [k for k in reproduce.load_result(str(out / "lr_0.01_seed1.npz"))
+                if k.startswith(("sharpness/", "spectra/"))]
+    assert not (out / "sharpness.png").exists() and not (out / "spectra.png").exists()
+    assert "## Sharpness" not in text and "## Weight spectra" not in text
+
+    # one more seed is another config: refused, not mixed in
+    code, _, err = _run(capsys, *argv, "--seeds", "0", "1", "2")
+    assert code == 2 and "seeds: [0, 1] -> [0, 1, 2]" in err
 
 
 def test_reproduce_refuses_another_config_and_bad_arguments(tmp_path, capsys):
@@ -190,6 +263,10 @@ def test_reproduce_refuses_another_config_and_bad_arguments(tmp_path, capsys):
         ["--epochs", "0"], ["--batch-size", "0"], ["--scale-range", "0.3", "0.2"],
         ["--out", str(a_file)], ["--out", str(a_file / "sub")],
         ["--arch", "conv", "--image-size", "10"], ["--threads", "-1"],
+        ["--seeds", "-1"], ["--seeds", "1", "1"], ["--seed", "1", "--seeds", "2"],
+        ["--full-batch", "--batch-size", "8"], ["--sharpness-every", "-1"],
+        ["--spectra-every", "-1"], ["--sharpness-probe", "0"],
+        ["--monitor", "hooks"],  # cannot be paused for the sharpness (on by default)
     ]
     if not torch.cuda.is_available():
         bad.append(["--device", "cuda"])
@@ -201,18 +278,49 @@ def test_reproduce_refuses_another_config_and_bad_arguments(tmp_path, capsys):
     assert not (tmp_path / "fresh").exists()
 
 
-def test_reproduce_overwrite_replaces_a_run(tmp_path, capsys):
+def test_reproduce_overwrite_replaces_a_run_and_runs_full_batch_sgd(tmp_path, capsys):
     out = tmp_path / "run"
     out.mkdir()
     (out / "config.json").write_text('{"epochs": 5}\n')
     (out / "lr_0.5.npz").write_bytes(b"stale")
     (out / "notes.txt").write_text("mine")
-    code, _, err = _run(capsys, *TINY, "--lrs", "1e-2", "--epochs", "1", "--overwrite",
-                        "--out", str(out))
+    at = TINY.index("--batch-size")
+    tiny = TINY[:at] + TINY[at + 2:]
+    # the deprecated --seed still runs, as one seed
+    code, _, err = _run(capsys, *tiny, "--lrs", "1e-2", "--epochs", "1", "--overwrite",
+                        "--optimizer", "sgd", "--full-batch", "--seed", "3", "--out", str(out))
     assert code == 0, err
+    assert "--seed S is deprecated; use --seeds S" in err
     assert not (out / "lr_0.5.npz").exists() and (out / "notes.txt").read_text() == "mine"
-    assert (out / "lr_0.01.npz").exists()
-    assert "needs at least two learning rates" in (out / "report.md").read_text()
+    res = reproduce.load_result(str(out / "lr_0.01_seed3.npz"))
+    assert int(res["steps_per_epoch"]) == 1 and int(res["seed"]) == 3
+    text = (out / "report.md").read_text()
+    assert "needs at least two learning rates" in text
+    assert "(sgd, full batch: every step uses all training images)" in text
+    assert "One seed (3)" in text and "--seeds 3 " in text and "--batch-size 32 " in text
+    # full-batch SGD: the sharpness of all images against 2/lr, nothing preconditioned
+    assert "--sharpness-probe 32 " in text and "sharpness/preconditioned" not in res
+    assert "| lr | 2/lr |" in text and "Cohen et al. 2021" in text
+    assert (out / "sharpness.png").exists()
+
+
+def test_over_seeds_convention():
+    from lrfluct_fast.experiments.seeds import claim_verdict, over_seeds
+
+    fmt = "{:.4g}".format
+    assert over_seeds([2.0]).text(fmt) == "2"
+    assert over_seeds([1.0, 3.0]).text(fmt) == "2 (1–3)"
+    assert (over_seeds([1.0, 3.0]).lo, over_seeds([1.0, 3.0]).hi) == (1.0, 3.0)
+    three = over_seeds([1.0, 2.0, 6.0])
+    assert three.text(fmt) == f"3 ± {np.std([1, 2, 6], ddof=1):.4g}"
+    assert over_seeds([1.0, float("nan"), 3.0]).text(fmt) == "2 (1–3) [2 of 3 seeds]"
+    assert over_seeds([float("nan")]).text(fmt) == "nan"
+    assert claim_verdict({0: True, 1: True}) == "**Holds for every seed** (2 of 2)"
+    assert claim_verdict({0: False, 1: True, 2: True}) == \
+        "**Holds for some seeds** (2 of 3: seed 1, 2)"
+    assert claim_verdict({0: False, 1: None}) == \
+        "**Holds for no seed** (0 of 1; cannot tell for seed 1 (nan))"
+    assert claim_verdict({0: None}).startswith("**Cannot tell**")
 
 
 # -- agreement with the float64 snapshot reference -------------------------------------------
@@ -245,3 +353,28 @@ def test_run_statistics_match_the_snapshot_reference(monitor, arch):
         r, g = np.asarray(ref[key], dtype=np.float64), np.asarray(got[key], dtype=np.float64)
         scale = np.nanmax(np.abs(r)) if np.isfinite(r).any() else 0.0
         np.testing.assert_allclose(g, r, rtol=1e-3, atol=1e-6 * scale, err_msg=key)
+
+
+def test_edge_of_stability_verdicts_follow_the_numbers():
+    from lrfluct_fast.experiments import probe_report
+
+    steps = np.arange(10, 110, 10)
+    rising = np.minimum(steps / 40, 1.02)  # reaches 2/lr x 1.02 and stays: at the edge
+    config = {"optimizer": "sgd", "batch_size": 32, "samples": 32, "sharpness_probe": 32,
+              "sharpness_every": 10}
+
+    def run(lr, fraction):
+        return {"lr": np.float64(lr), "sharpness/step": steps,
+                "sharpness/value": fraction * 2 / lr}
+
+    by_seed = {0: {1.0: run(1.0, rising), 0.1: run(0.1, rising / 10)},
+               1: {1.0: run(1.0, rising), 0.1: run(0.1, rising[::-1] / 10)}}
+    assert probe_report.threshold("adam", 0.01) == pytest.approx(3800)
+    text = "\n".join(probe_report.sharpness_section(by_seed, config))
+    claims = [l for l in text.splitlines() if l.startswith("- ")]
+    assert claims[0].startswith("- **Holds for every seed** (2 of 2) at lr 1 that the sharpness "
+                                "rises")
+    assert claims[1].startswith("- **Holds for every seed** (2 of 2) at lr 1 that it settles")
+    assert claims[2].startswith("- **Holds for some seeds** (1 of 2: seed 0) at lr 0.1")
+    assert claims[3].startswith("- **Holds for no seed** (0 of 2) at lr 0.1 that it settles")
+    assert "not the full batch" not in text and "Cohen et al. 2021" in text

@@ -1,9 +1,11 @@
 """report.md of the learning-rate experiment: tables and a comparison with the paper.
 
-Owns the derived numbers the report shows (pooled over the ReLU layers, per layer) and the
-wording of the comparison, which is computed from those numbers, never fixed in advance.
-Reads the per-lr result mappings (as loaded from the npz files) and the run's config; writes
-one markdown file atomically. Numbers are printed with 4 significant digits.
+Owns the derived numbers the report shows (pooled over the ReLU layers, per layer; per seed,
+then over the seeds with seeds.py's convention) and the wording of the comparison, which is
+computed from those numbers, never fixed in advance: each claim is checked on every seed and
+said to hold for every seed, some or none. Reads the result mappings by seed and lr (as loaded
+from the npz files) and the run's config; writes one markdown file atomically. Numbers are
+printed with 4 significant digits.
 
 The paper's claims compared (arXiv 2511.10435, from its abstract and summaries; its full
 text was not available): the largest learning rate (1e-2) reconstructs best while many of
@@ -19,7 +21,10 @@ from typing import Mapping
 
 import numpy as np
 
-Results = Mapping[float, Mapping[str, np.ndarray]]
+from .seeds import OverSeeds, claim_verdict, convention, over_seeds
+
+Results = Mapping[float, Mapping[str, np.ndarray]]  # one seed's results by lr
+BySeed = Mapping[int, Results]
 PAPER = "Neuronal Fluctuations: Learning Rates vs Participating Neurons (arXiv 2511.10435)"
 PAPER_EPOCHS = 1000
 
@@ -101,7 +106,30 @@ def layer_rows(results: Results) -> list[dict]:
     return rows
 
 
-def _table(header: list[str], rows: list[list[str]]) -> str:
+def _over(rows_by_seed: Mapping[int, list[dict]], ident: tuple[str, ...]) -> list[dict]:
+    """Rows matched across seeds by the fields `ident`, every float field an OverSeeds."""
+    first = next(iter(rows_by_seed.values()))
+    out = []
+    for i, row in enumerate(first):
+        same = [rows[i] for rows in rows_by_seed.values()]
+        if any(r[k] != row[k] for r in same for k in ident):
+            raise ValueError(f"the seeds' results differ in layout at {row!r}")
+        out.append({k: (v if k in ident or not isinstance(v, float) else
+                        over_seeds(r[k] for r in same)) for k, v in row.items()})
+    return out
+
+
+def lr_rows_over_seeds(by_seed: BySeed) -> list[dict]:
+    """lr_rows of every seed, each number an OverSeeds (lr largest first)."""
+    return _over({s: lr_rows(r) for s, r in by_seed.items()}, ("lr",))
+
+
+def layer_rows_over_seeds(by_seed: BySeed) -> list[dict]:
+    """layer_rows of every seed, each number an OverSeeds."""
+    return _over({s: layer_rows(r) for s, r in by_seed.items()}, ("lr", "layer"))
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     return "\n".join(lines)
@@ -121,14 +149,27 @@ def _trend(values_by_lr: dict[float, float]) -> str:
     return "is not monotonic"
 
 
-def comparison(results: Results, epochs: int) -> list[str]:
-    """Sentences comparing the measured trends with the paper's claims."""
-    lrs = sorted(results)
+def _above(a: float, b: float) -> bool | None:
+    """a > b, None when either is nan (no observation decides nothing)."""
+    return None if not (np.isfinite(a) and np.isfinite(b)) else bool(a > b)
+
+
+def _lowest_at(values: dict[float, float], lr: float) -> bool | None:
+    v = list(values.values())
+    return None if not np.all(np.isfinite(v)) else min(values, key=values.get) == lr
+
+
+def comparison(by_seed: BySeed, epochs: int) -> list[str]:
+    """Sentences comparing the measured trends with the paper's claims, each claim checked
+    on every seed."""
+    lrs = sorted(next(iter(by_seed.values())))
     if len(lrs) < 2:
         return ["The comparison with the paper needs at least two learning rates; "
                 "this run has one."]
     hi, lo = lrs[-1], lrs[0]
-    r = {lr: lr_rows({lr: results[lr]})[0] for lr in lrs}
+    # per seed, per lr: the pooled row
+    r = {s: {row["lr"]: row for row in lr_rows(res)} for s, res in by_seed.items()}
+    agg = {row["lr"]: row for row in lr_rows_over_seeds(by_seed)}
     out = []
     if (hi, lo) != (1e-2, 1e-4):
         out.append(f"The paper compares 1e-2 with 1e-4; here the largest lr ({hi:g}) and the "
@@ -137,55 +178,50 @@ def comparison(results: Results, epochs: int) -> list[str]:
         out.append(f"This run trained {epochs} epochs, the paper {PAPER_EPOCHS}: trends in a "
                    f"shorter window can differ (the slow learning rates have had less time).")
 
-    def verdict(a: float, b: float) -> str:
-        # the claim holds when a > b; nan (no observation, no fluctuation) decides nothing
-        if not (np.isfinite(a) and np.isfinite(b)):
-            return "**Cannot tell** (a value is nan) whether it agrees"
-        return "**Agrees**" if a > b else "**Does not agree**"
+    def values(key: str, at=None) -> str:
+        return ", ".join(f"lr {lr:g}: {agg[lr][key].text(fmt)}" for lr in (at or reversed(lrs)))
+
+    def claim(text: str, holds: dict[int, bool | None], shown: str) -> None:
+        out.append(f"{claim_verdict(holds)} that {text}: {shown}.")
 
     # the paper does not say on which images it scores reconstruction: both are judged
     for key, where in (("train_mse", "training"), ("test_mse", "held-out test")):
-        values = [r[lr][key] for lr in lrs]
-        listing = ", ".join(f"lr {lr:g}: {fmt(r[lr][key])}" for lr in reversed(lrs))
-        if not np.all(np.isfinite(values)):
-            out.append(f"{verdict(np.nan, np.nan)} on the {where} images about reconstruction "
-                       f"({listing}).")
-            continue
-        best = lrs[int(np.argmin(values))]
-        ok = (best == hi) + (r[lo][key] > r[hi][key])
-        word = ("**Agrees**", "**Partly agrees**", "**Does not agree**")[2 - ok]
-        out.append(f"{word} on the {where} images that the largest learning rate reconstructs "
-                   f"best and the smallest worse than it: the lowest final MSE is at lr "
-                   f"{best:g} ({listing}), and the smallest lr is "
-                   f"{'worse' if r[lo][key] > r[hi][key] else 'not worse'} than the largest.")
-    out.append(f"{verdict(r[hi]['dead_fraction'], r[lo]['dead_fraction'])} that many neurons "
-               f"stay largely inactive at the largest learning rate: the dead fraction of the "
-               f"ReLU layers is {fmt(r[hi]['dead_fraction'])} at lr {hi:g} vs "
-               f"{fmt(r[lo]['dead_fraction'])} at lr {lo:g}.")
-    a, b = r[lo]["mean_active_fraction"], r[hi]["mean_active_fraction"]
-    pa, pb = r[lo]["pr_over_n"], r[hi]["pr_over_n"]
-    if not (np.isfinite(pa) and np.isfinite(pb)):
-        pr_text = "cannot be compared (nan)"
-    else:
-        pr_text = "points the same way" if (pa > pb) == (a > b) else "points the other way"
-    out.append(f"{verdict(a, b)} that the smallest learning rate engages more neurons: the "
-               f"mean active fraction of the ReLU layers is {fmt(r[lo]['mean_active_fraction'])} "
-               f"at lr {lo:g} vs {fmt(r[hi]['mean_active_fraction'])} at lr {hi:g}; the "
-               f"fluctuation participation ratio / N (ReLU layers) {pr_text} "
-               f"({fmt(pa)} vs {fmt(pb)}).")
-    layers = _names(results[hi], "layers")
-    rows = layer_rows(results)
-    spread = {l: {x["lr"]: x["mean_spread"] for x in rows if x["layer"] == l} for l in layers}
-    sos = {l: {x["lr"]: x["spread_of_spread"] for x in rows if x["layer"] == l} for l in layers}
-    def counts(trends: dict[str, dict[float, float]]) -> str:
-        found = [_trend(t) for t in trends.values()]
-        return ", ".join(f"{word} in {found.count(word)}" for word in
-                         ("increases", "decreases", "is not monotonic", "is undefined")
-                         if found.count(word))
+        claim(f"the largest learning rate reconstructs the {where} images best (lowest final "
+              f"MSE)", {s: _lowest_at({lr: r[s][lr][key] for lr in lrs}, hi) for s in r},
+              f"final {where} MSE {values(key)}")
+        claim(f"the smallest learning rate reconstructs the {where} images worse than the "
+              f"largest", {s: _above(r[s][lo][key], r[s][hi][key]) for s in r},
+              f"final {where} MSE {values(key, (hi, lo))}")
+    claim("many neurons stay largely inactive at the largest learning rate: a higher dead "
+          "fraction (ReLU layers) than at the smallest",
+          {s: _above(r[s][hi]["dead_fraction"], r[s][lo]["dead_fraction"]) for s in r},
+          f"dead fraction {values('dead_fraction', (hi, lo))}")
+    claim("the smallest learning rate engages more neurons: a higher mean active fraction "
+          "(ReLU layers) than at the largest",
+          {s: _above(r[s][lo]["mean_active_fraction"], r[s][hi]["mean_active_fraction"])
+           for s in r}, f"mean active fraction {values('mean_active_fraction', (hi, lo))}")
+    claim("the smallest learning rate engages more neurons by the fluctuation participation "
+          "ratio / N (ReLU layers) too",
+          {s: _above(r[s][lo]["pr_over_n"], r[s][hi]["pr_over_n"]) for s in r},
+          f"PR / N {values('pr_over_n', (hi, lo))}")
 
+    found: dict[str, list[str]] = {"mean_spread": [], "spread_of_spread": []}
+    for results in by_seed.values():
+        rows = layer_rows(results)
+        for layer in _names(results[hi], "layers"):
+            for key, trends in found.items():
+                trends.append(_trend({x["lr"]: x[key] for x in rows if x["layer"] == layer}))
+
+    def counts(trends: list[str]) -> str:
+        return ", ".join(f"{word} in {trends.count(word)}" for word in
+                         ("increases", "decreases", "is not monotonic", "is undefined")
+                         if trends.count(word))
+
+    pairs = len(found["mean_spread"])
     out.append(f"Fluctuation size (the paper's abstract gives no number to compare with), over "
-               f"the {len(layers)} layers: the mean weight spread {counts(spread)}; the spread "
-               f"of the spread {counts(sos)} (with the learning rate).")
+               f"the {pairs} (layer, seed) pairs: the mean weight spread "
+               f"{counts(found['mean_spread'])}; the spread of the spread "
+               f"{counts(found['spread_of_spread'])} (with the learning rate).")
     return out
 
 
@@ -193,45 +229,60 @@ def command_line(config: Mapping) -> str:
     """The `lrfluct reproduce` command that reproduces `config` (every option spelled out)."""
     c = config
     parts = ["lrfluct reproduce", "--lrs " + " ".join(f"{lr:g}" for lr in c["lrs"]),
-             f"--epochs {c['epochs']}", f"--seed {c['seed']}", f"--device {c['device']}",
+             f"--epochs {c['epochs']}", "--seeds " + " ".join(str(s) for s in c["seeds"]),
+             f"--device {c['device']}",
              f"--monitor {c['monitor']}", f"--image-size {c['image_size']}",
              f"--samples {c['samples']}", f"--test-samples {c['test_samples']}",
              f"--batch-size {c['batch_size']}", f"--optimizer {c['optimizer']}",
              f"--arch {c['arch']}", "--widths " + " ".join(str(w) for w in c["widths"]),
-             f"--latent {c['latent']}", f"--window {c['window']}", f"--jitter {c['jitter']:g}",
+             f"--latent {c['latent']}", f"--window {c['window']}",
+             f"--sharpness-every {c['sharpness_every']}",
+             f"--sharpness-probe {c['sharpness_probe']}",
+             f"--spectra-every {c['spectra_every']}", f"--jitter {c['jitter']:g}",
              "--scale-range " + " ".join(f"{s:g}" for s in c["scale_range"]),
              "--rotation" if c["rotation"] else "--no-rotation", f"--noise {c['noise']:g}"]
     return " ".join(parts)
 
 
-def render(results: Results, config: Mapping) -> str:
-    lr_tab = _table(
+def _cell(x) -> str:
+    return x.text(fmt) if isinstance(x, OverSeeds) else str(x)
+
+
+def render(by_seed: BySeed, config: Mapping) -> str:
+    lr_tab = markdown_table(
         ["lr", "final test MSE", "final train MSE", "dead fraction (ReLU)",
          "mean active fraction (ReLU)", "PR / N (ReLU)", "train time (s)"],
-        [[f"{x['lr']:g}", fmt(x["test_mse"]), fmt(x["train_mse"]), fmt(x["dead_fraction"]),
-          fmt(x["mean_active_fraction"]), fmt(x["pr_over_n"]), f"{x['wall_s']:.1f}"]
-         for x in lr_rows(results)])
-    layer_tab = _table(
+        [[f"{x['lr']:g}"] + [_cell(x[k]) for k in ("test_mse", "train_mse", "dead_fraction",
+                                                   "mean_active_fraction", "pr_over_n")]
+         + [x["wall_s"].text(lambda v: f"{v:.1f}")] for x in lr_rows_over_seeds(by_seed)])
+    layer_tab = markdown_table(
         ["lr", "layer", "ReLU", "N", "participation ratio", "PR / N", "dead fraction",
          "mean active fraction", "mean spread", "spread of the spread", "spread CV",
          "bias spread of the spread"],
-        [[f"{x['lr']:g}", x["layer"], "yes" if x["relu"] else "no", str(x["neurons"]),
-          fmt(x["participation_ratio"]),
-          fmt(x["pr_over_n"]), fmt(x["dead_fraction"]), fmt(x["mean_active_fraction"]),
-          fmt(x["mean_spread"]), fmt(x["spread_of_spread"]), fmt(x["spread_cv"]),
-          fmt(x["bias_spread_of_spread"])] for x in layer_rows(results)])
+        [[f"{x['lr']:g}", x["layer"], "yes" if x["relu"] else "no", str(x["neurons"])]
+         + [_cell(x[k]) for k in ("participation_ratio", "pr_over_n", "dead_fraction",
+                                  "mean_active_fraction", "mean_spread", "spread_of_spread",
+                                  "spread_cv", "bias_spread_of_spread")]
+         for x in layer_rows_over_seeds(by_seed)])
     window = int(config["window"])
     window_text = ("the whole run" if window >= int(config["epochs"])
                    else "the last epoch" if window == 1 else f"the last {window} epochs")
-    from .plots import FIGURES  # plots draws from this module's numbers: import here
+    batch = int(config["batch_size"])
+    batch_text = ("full batch: every step uses all training images"
+                  if batch >= int(config["samples"]) else f"mini-batches of {batch} images")
+    # these draw from this module's numbers: imported here
+    from . import probe_report
+    from .plots import figures_for
 
-    figures = ", ".join(f"`{f}`" for f in FIGURES)
+    figures = ", ".join(f"`{f}`" for f in figures_for(by_seed))
     sections = [
         "# Learning rate vs neuronal fluctuations: reproduction",
         f"Experiment of *{PAPER}*: an autoencoder trained on eight synthetic shapes at several "
-        f"learning rates, with per-neuron fluctuation statistics streamed by the "
-        f"`{config['monitor']}` monitor.",
+        f"learning rates ({config['optimizer']}, {batch_text}), with per-neuron fluctuation "
+        f"statistics streamed by the `{config['monitor']}` monitor.",
         "## Results",
+        f"{convention(list(config['seeds']))} Each seed draws its own images, initial weights "
+        f"and batch order; within a seed every learning rate starts from the same weights.",
         f"Final reconstruction loss: mean squared error per pixel over the whole test set "
         f"({config['test_samples']} images) and training set after the last epoch. Statistics "
         f"are those of the final window, {window_text}. Dead: a neuron whose pre-activation is "
@@ -242,8 +293,13 @@ def render(results: Results, config: Mapping) -> str:
         lr_tab,
         layer_tab,
         "## Comparison with the paper",
-        "\n".join(f"- {s}" for s in comparison(results, int(config["epochs"]))),
-        f"Figures: {figures}.",
+        "\n".join(f"- {s}" for s in comparison(by_seed, int(config["epochs"]))),
+        *(probe_report.sharpness_section(by_seed, config)
+          if probe_report.has_sharpness(by_seed) else []),
+        *(probe_report.spectra_section(by_seed, config)
+          if probe_report.has_spectra(by_seed) else []),
+        f"Figures (the seed mean, with the range over the seeds shaded or as error bars): "
+        f"{figures}.",
         "## Command and config",
         f"```\n{command_line(config)}\n```",
         f"```json\n{json.dumps(dict(config), indent=2)}\n```",
@@ -251,8 +307,8 @@ def render(results: Results, config: Mapping) -> str:
     return "\n\n".join(sections) + "\n"
 
 
-def write_report(results: Results, config: Mapping, path: str) -> str:
-    text = render(results, config)
+def write_report(by_seed: BySeed, config: Mapping, path: str) -> str:
+    text = render(by_seed, config)
     tmp = f"{path}.tmp"
     try:
         with open(tmp, "w", encoding="utf-8") as f:

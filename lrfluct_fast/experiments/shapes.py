@@ -108,7 +108,7 @@ def render(labels, cx, cy, radius, angle, size: int, supersample: int = 3) -> np
     return out
 
 
-def make_shapes(n: int, size: int = 32, seed: int = 0, jitter: float = 0.12,
+def make_shapes(n: int, size: int = 32, seed: int | np.random.SeedSequence = 0, jitter: float = 0.12,
                 scale_range: tuple[float, float] = (0.2, 0.35), rotation: bool = True,
                 noise: float = 0.0, supersample: int = 3):
     """n seeded images of the eight shapes.

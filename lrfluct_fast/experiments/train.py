@@ -7,7 +7,9 @@ write files or plot.
 
 Loop: Adam (default: the usual choice for a small PyTorch autoencoder, and plain SGD at
 1e-4 barely moves in a short window; `optimizer="sgd"` for plain SGD) on the mean squared
-reconstruction error, mini-batches of `batch_size` in an order reshuffled every epoch from `seed`;
+reconstruction error, mini-batches of `batch_size` in an order reshuffled every epoch from `seed`
+(`batch_size` >= the number of images: one full batch per step, so SGD is full-batch gradient
+descent);
 `monitor.step()` after every optimizer step. Statistics windows of `window` epochs (default
 1, so each history row is one epoch's fluctuations: a weight's temporal std over that
 epoch's steps, activations and gradients of that epoch's forwards); the last window is also
@@ -20,7 +22,7 @@ Evaluation forwards (test loss every epoch, reconstructions) run in eval mode un
 no_grad, so a monitor following DESIGN's counting rules does not count them.
 
 Result keys (N = a layer's neurons, W = windows, E = epochs):
-  lr, epochs, steps_per_epoch, wall_s                      scalars
+  lr, seed, epochs, steps_per_epoch, wall_s                scalars
   layers, relu_layers                                      layer names (str arrays)
   history/epoch, history/train_loss, history/test_loss     [E] (train loss: mean over the
                                                            epoch's batches, in training)
@@ -33,6 +35,8 @@ Result keys (N = a layer's neurons, W = windows, E = epochs):
   final/train_loss, final/test_loss                        MSE over the whole set, eval mode
   recon/inputs, recon/outputs, recon/labels                one test image per class and its
                                                            reconstruction [k, 1, H, W]
+  probe_s                                                  seconds spent in sharpness/spectra
+  sharpness/..., spectra/...                               probes.py, when measured
 """
 from __future__ import annotations
 
@@ -44,6 +48,7 @@ import torch
 from torch import nn
 
 from .autoencoder import monitored_layers, relu_layers
+from .probes import TrainingProbes
 
 MONITORS = ("fused", "hooks")
 OPTIMIZERS = ("adam", "sgd")
@@ -131,15 +136,20 @@ def _first_of_each_class(labels: np.ndarray) -> np.ndarray:
 def train_autoencoder(model: nn.Module, train_images: torch.Tensor, test_images: torch.Tensor,
                       test_labels, *, lr: float, epochs: int, batch_size: int = 64,
                       optimizer: str = "adam", window: int = 1, seed: int = 0,
-                      monitor="fused", progress=None) -> dict[str, np.ndarray]:
+                      monitor="fused", progress=None, sharpness_every: int = 0,
+                      sharpness_probe: int = 256, spectra_every: int = 0
+                      ) -> dict[str, np.ndarray]:
     """Train `model` (already on the images' device) and return its results (module docstring).
 
     monitor: a factory model -> Monitor, or a name for `resolve_monitor`. progress: an
-    optional tqdm-like object, advanced by one per epoch.
+    optional tqdm-like object, advanced by one per epoch. sharpness_every, spectra_every:
+    optimizer steps between measurements (0: off), on the first `sharpness_probe` training
+    images for the sharpness (probes.py).
     """
-    if lr <= 0 or epochs < 1 or batch_size < 1 or window < 1:
-        raise ValueError(f"need lr > 0, epochs >= 1, batch_size >= 1, window >= 1, got "
-                         f"lr={lr}, epochs={epochs}, batch_size={batch_size}, window={window}")
+    if lr <= 0 or epochs < 1 or batch_size < 1 or window < 1 or sharpness_probe < 1:
+        raise ValueError(f"need lr > 0, epochs >= 1, batch_size >= 1, window >= 1, "
+                         f"sharpness_probe >= 1, got lr={lr}, epochs={epochs}, batch_size="
+                         f"{batch_size}, window={window}, sharpness_probe={sharpness_probe}")
     factory = resolve_monitor(monitor)
     layers = monitored_layers(model)
     relus = relu_layers(model)
@@ -159,6 +169,10 @@ def train_autoencoder(model: nn.Module, train_images: torch.Tensor, test_images:
            else factory(model))
     # after instrumenting: the optimizer must hold the parameters the wrapped modules use
     opt = make_optimizer(optimizer, model.parameters(), lr)
+    probes = (TrainingProbes(model, mon, opt, train_images[:sharpness_probe], layers,
+                             sharpness_every=sharpness_every, spectra_every=spectra_every)
+              if sharpness_every or spectra_every else None)
+    step = 0
     try:
         for epoch in range(1, epochs + 1):
             total = torch.zeros((), dtype=torch.float64, device=device)
@@ -170,6 +184,9 @@ def train_autoencoder(model: nn.Module, train_images: torch.Tensor, test_images:
                 loss.backward()
                 opt.step()
                 mon.step()
+                step += 1
+                if probes is not None:
+                    probes.after_step(step)
                 total += loss.detach().double() * x.shape[0]
             train_loss.append(total.item() / n)
             test_loss.append(evaluate(model, test_images))
@@ -181,9 +198,12 @@ def train_autoencoder(model: nn.Module, train_images: torch.Tensor, test_images:
                         history.setdefault(f"history/{layer}/{key}", []).append(summary[layer][key])
                     for name, value in metrics[layer].items():
                         history.setdefault(f"history/{layer}/metric.{name}", []).append(value)
+                if probes is not None:
+                    probes.window_closed(epoch)
             if progress is not None:
                 progress.set_postfix(lr=f"{lr:g}", loss=f"{train_loss[-1]:.4g}", refresh=False)
                 progress.update(1)
+        probe_results = probes.results(step) if probes is not None else {"probe_s": 0.0}
     finally:
         mon.remove()
     wall = time.perf_counter() - start_time
@@ -198,6 +218,7 @@ def train_autoencoder(model: nn.Module, train_images: torch.Tensor, test_images:
 
     out: dict[str, np.ndarray] = {
         "lr": np.float64(lr),
+        "seed": np.int64(seed),
         "epochs": np.int64(epochs),
         "steps_per_epoch": np.int64(steps_per_epoch),
         "wall_s": np.float64(wall),
@@ -212,6 +233,7 @@ def train_autoencoder(model: nn.Module, train_images: torch.Tensor, test_images:
         "recon/inputs": inputs.float().cpu().numpy(),
         "recon/outputs": outputs.float().cpu().numpy(),
         "recon/labels": labels[pick].astype(np.int64),
+        **probe_results,
     }
     for key, rows in history.items():
         # per-neuron histories in float32: they dominate the file size on long runs
