@@ -190,6 +190,62 @@ def test_hf_step_skipped_by_the_grad_scaler(tmp_path):
     mon.remove()
 
 
+def _hf_ddp_worker(rank, world, tmp):
+    """One rank of a 2-process Trainer run (gloo on CPU, as torchrun would start it)."""
+    import pathlib
+    import traceback
+    import torch.distributed as dist
+    try:
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=open(os.path.join(tmp, "port")).read(),
+                          RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world))
+        torch.set_num_threads(1)
+        callback = hf_callback(log_dir=os.path.join(tmp, "run"), log_every=1, keep=True)
+        trainer = hf_trainer(pathlib.Path(tmp), callback, max_steps=3, ddp_backend="gloo",
+                             save_strategy="steps", save_steps=3)
+        trainer.train()
+        assert dist.is_initialized() and dist.get_world_size() == world
+        summary = callback.monitor.summary()  # a collective: every rank reads the merged statistics
+        logged = [h for h in trainer.state.log_history if "loss" in h]
+        np.savez(os.path.join(tmp, f"summary{rank}.npz"),
+                 **{f"{layer}/{key}": v for layer, keys in summary.items() for key, v in keys.items()})
+        with open(os.path.join(tmp, f"logged{rank}.txt"), "w") as f:
+            f.write(" ".join(str(h["step"]) for h in logged if
+                             "lrfluct/transformer.h.0.mlp.c_fc/participation_ratio" in h))
+        callback.monitor.remove()
+        dist.destroy_process_group()
+    except BaseException:
+        with open(os.path.join(tmp, f"error{rank}.txt"), "w") as f:
+            f.write(traceback.format_exc())
+        os._exit(2)
+    os._exit(0)  # gloo workers may abort in interpreter teardown
+
+
+def test_hf_trainer_on_two_processes(tmp_path):
+    """A 2-process (DDP, gloo) Trainer run: each rank instruments its own model once, only rank
+    0 writes the run directory, the summaries are every rank's batches merged, each rank saves
+    its own monitor state with the checkpoint."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    import socket
+    from spawn_ranks import spawn
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        (tmp_path / "port").write_text(str(s.getsockname()[1]))
+    assert spawn(_hf_ddp_worker, 2, str(tmp_path), timeout_s=180) == [0, 0]
+    run_dir = str(tmp_path / "run")
+    assert logged_steps(run_dir) == [1, 2, 3]  # rank 0 alone wrote: no step twice
+    for rank in (0, 1):
+        assert (tmp_path / "out" / "checkpoint-3" / f"lrfluct_monitor_rank{rank}.pt").is_file()
+        assert (tmp_path / f"logged{rank}.txt").read_text().split() == ["1", "2", "3"]
+    s0, s1 = (np.load(tmp_path / f"summary{r}.npz") for r in (0, 1))
+    assert sorted(s0.files) == sorted(s1.files)
+    for key in s0.files:
+        np.testing.assert_array_equal(s0[key], s1[key], err_msg=key)
+    # 3 steps x 2 ranks x ROWS sequences of SEQ tokens, merged across the ranks
+    assert (s0["transformer.h.0.mlp.c_fc/activation.count"] == 3 * 2 * ROWS * SEQ).all()
+    assert_page_shows(run_dir, "transformer.h.0.mlp.c_fc")
+
+
 # -- Lightning ----------------------------------------------------------------------------------
 def lightning_module(skip_at=None):
     pl = pytest.importorskip("lightning.pytorch")
