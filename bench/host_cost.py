@@ -71,6 +71,29 @@ def fixed_cost_per_layer(layers=8, repeats=7, steps=1000):
     return p, i, (i - p) / layers
 
 
+def fixed_cost_breakdown(layers=8, repeats=7, calls=2000):
+    """Per layer: (forward, forward + backward, Monitor.step) over the plain twin, in seconds,
+    of 8 x Linear(16, 16) at batch 4 (the forward and backward with weights and biases off,
+    so no step work hides in them)."""
+    def make():
+        torch.manual_seed(0)
+        return nn.Sequential(*[nn.Linear(16, 16) for _ in range(layers)])
+    x = torch.randn(4, 16, requires_grad=True)
+    plain, light, full = make(), make(), make()
+    lf.instrument(light, weights=False, biases=False)
+    mon = lf.instrument(full)
+    cases = {"fwd plain": lambda: plain(x), "fwd": lambda: light(x),
+             "fb plain": lambda: plain(x).sum().backward(), "fb": lambda: light(x).sum().backward(),
+             "step": mon.step}
+    times = {k: [] for k in cases}
+    for _ in range(repeats):
+        for k, fn in cases.items():
+            times[k].append(per_call(fn, calls))
+    m = {k: statistics.median(v) for k, v in times.items()}
+    return ((m["fwd"] - m["fwd plain"]) / layers, (m["fb"] - m["fb plain"]) / layers,
+            m["step"] / layers)
+
+
 class _Block(nn.Module):
     def __init__(self, d):
         super().__init__()
@@ -182,6 +205,9 @@ def main() -> None:
     print(f"| 8 x Linear(16, 16), batch 4: plain step | {p * 1e6:.1f} us |")
     print(f"| same, instrumented | {i * 1e6:.1f} us |")
     print(f"| fixed cost per monitored layer per step | {per_layer * 1e6:.1f} us |")
+    fwd, fwd_bwd, step_share = fixed_cost_breakdown()
+    print(f"| of which: forward / forward + backward (weights off) / Monitor.step, per layer | "
+          f"{fwd * 1e6:.1f} / {fwd_bwd * 1e6:.1f} / {step_share * 1e6:.1f} us |")
     print(f"| same with {cores} threads (torch's default): instrumented step, fixed cost per layer "
           f"| {i_all * 1e6:.1f} us, {per_layer_all * 1e6:.1f} us |")
     print(f"| Monitor.step, GPT-2-medium's {tensors} parameter tensors at width 8 | {step * 1e6:.0f} us |")
