@@ -18,6 +18,21 @@ from ..monitor import Monitor, instrument
 LOG_PREFIX = "lrfluct"
 
 
+class MonitorHolder:
+    """What every callback holds: the checked instrument() options, `keep`, and the Monitor
+    once the model is instrumented (`monitor`; None before)."""
+
+    def __init__(self, keep: bool, options: dict[str, Any]):
+        if not isinstance(keep, bool):
+            raise TypeError(f"keep must be True or False, got {keep!r}")
+        self.options = check_options(options)
+        self.keep = keep
+        self.monitor: Monitor | None = None
+
+    def _live(self) -> bool:
+        return self.monitor is not None and not self.monitor._removed
+
+
 def check_options(options: dict[str, Any]) -> dict[str, Any]:
     """The instrument() options a callback was given, checked now (an unknown one raises a
     TypeError naming it) and returned as given: instrument checks them again when it runs."""

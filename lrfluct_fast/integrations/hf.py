@@ -41,24 +41,16 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-from .. import Monitor
 from . import common
 
 
-class HFTrainerCallback(TrainerCallback):
+class HFTrainerCallback(TrainerCallback, common.MonitorHolder):
     """Monitors a transformers.Trainer run; `**options` are instrument()'s (checked now),
     `keep=True` keeps the wrappers after training. The Monitor is `callback.monitor`."""
 
     def __init__(self, *, keep: bool = False, **options):
-        if not isinstance(keep, bool):
-            raise TypeError(f"keep must be True or False, got {keep!r}")
-        self.options = common.check_options(options)
-        self.keep = keep
-        self.monitor: Monitor | None = None
+        common.MonitorHolder.__init__(self, keep, options)
         self._logged_step = -1
-
-    def _live(self) -> bool:
-        return self.monitor is not None and not self.monitor._removed
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         if not self._live():

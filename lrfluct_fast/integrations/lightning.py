@@ -37,26 +37,19 @@ import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
 
-from .. import Monitor, distributed
+from .. import distributed
 from . import common
 
 CHECKPOINT_KEY = "lrfluct_monitor"
 
 
-class LightningCallback(pl.Callback):
+class LightningCallback(pl.Callback, common.MonitorHolder):
     """Monitors a Lightning fit; `**options` are instrument()'s (checked now), `keep=True`
     keeps the wrappers after fit. The Monitor is `callback.monitor`."""
 
     def __init__(self, *, keep: bool = False, **options):
-        if not isinstance(keep, bool):
-            raise TypeError(f"keep must be True or False, got {keep!r}")
-        self.options = common.check_options(options)
-        self.keep = keep
-        self.monitor: Monitor | None = None
+        common.MonitorHolder.__init__(self, keep, options)
         self._seen_step = 0
-
-    def _live(self) -> bool:
-        return self.monitor is not None and not self.monitor._removed
 
     def setup(self, trainer, pl_module, stage):
         if stage == "fit" and not self._live():
