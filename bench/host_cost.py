@@ -6,7 +6,8 @@
   core: a kernel that opened an OpenMP region for such tiny work waited milliseconds for a
   core another process held); the instrumented training step's time minus the plain twin's,
   over 8 layers (forward + backward + its share of Monitor.step), medians of interleaved
-  repeats;
+  repeats; split by phase twice: each part alone in a warm loop of its own, and each phase
+  timed inside the whole step (where it pays for what the phase before it evicted);
 - Monitor.step per parameter tensor: GPT-2-medium's parameter list (24 blocks: 2 LayerNorms,
   qkv, proj, fc1, fc2 with biases; embeddings, final LayerNorm, head) at width 8, so the
   update itself moves next to nothing;
@@ -92,6 +93,42 @@ def fixed_cost_breakdown(layers=8, repeats=7, calls=2000):
     m = {k: statistics.median(v) for k, v in times.items()}
     return ((m["fwd"] - m["fwd plain"]) / layers, (m["fb"] - m["fb plain"]) / layers,
             m["step"] / layers)
+
+
+def step_phases(layers=8, repeats=7, steps=1000):
+    """Per layer: (forward, backward, optimizer step, Monitor.step) of the whole instrumented
+    step minus the plain twin's, each phase timed inside the step loop (so a phase pays for
+    what the one before it evicted from the caches), in seconds."""
+    def make():
+        torch.manual_seed(0)
+        return nn.Sequential(*[nn.Linear(16, 16) for _ in range(layers)])
+    x = torch.randn(4, 16)
+    plain, wrapped = make(), make()
+    runs = {"plain": (plain, None), "instrumented": (wrapped, lf.instrument(wrapped))}
+    opts = {k: torch.optim.SGD(m.parameters(), lr=1e-3) for k, (m, _) in runs.items()}
+    clock = time.perf_counter
+    times = {k: [] for k in runs}
+    for _ in range(repeats):
+        for k, (model, mon) in runs.items():
+            total = [0.0] * 4
+            for i in range(steps + steps // 10):
+                t0 = clock()
+                opts[k].zero_grad(set_to_none=True)
+                loss = model(x).square().mean()
+                t1 = clock()
+                loss.backward()
+                t2 = clock()
+                opts[k].step()
+                t3 = clock()
+                if mon is not None:
+                    mon.step()
+                t4 = clock()
+                if i >= steps // 10:
+                    for j, d in enumerate((t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
+                        total[j] += d / steps
+            times[k].append(total)
+    med = {k: [statistics.median(col) for col in zip(*v)] for k, v in times.items()}
+    return tuple((a - b) / layers for a, b in zip(med["instrumented"], med["plain"]))
 
 
 class _Block(nn.Module):
@@ -208,6 +245,9 @@ def main() -> None:
     fwd, fwd_bwd, step_share = fixed_cost_breakdown()
     print(f"| of which: forward / forward + backward (weights off) / Monitor.step, per layer | "
           f"{fwd * 1e6:.1f} / {fwd_bwd * 1e6:.1f} / {step_share * 1e6:.1f} us |")
+    phases = step_phases()
+    print("| the same fixed cost, phase by phase inside the step: forward / backward / optimizer "
+          "step / Monitor.step, per layer | " + " / ".join(f"{t * 1e6:.1f}" for t in phases) + " us |")
     print(f"| same with {cores} threads (torch's default): instrumented step, fixed cost per layer "
           f"| {i_all * 1e6:.1f} us, {per_layer_all * 1e6:.1f} us |")
     print(f"| Monitor.step, GPT-2-medium's {tensors} parameter tensors at width 8 | {step * 1e6:.0f} us |")

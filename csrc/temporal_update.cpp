@@ -2,29 +2,32 @@
 // a block in the state's dtype updated by Welford every call and a float64 master that each
 // block is Chan-merged into once per `flush_every` calls (state layout and the reasons:
 // lrfluct_fast/ops/temporal_update.py). All tensors are validated before any state changes; the
-// work is one parallel loop over (tensor, chunk) pairs so small and large tensors share the
-// threads.
+// work is one parallel loop over the list's elements, so each thread takes an equal share
+// whatever the tensors' sizes.
+#include <algorithm>
 #include <cmath>
 #include <limits>
+#include <mutex>
 
 #include "common.h"
 
 namespace lrfluct {
 namespace {
 
-constexpr int64_t kChunk = 1 << 16;  // elements per task
+constexpr int64_t kChunk = 1 << 16;  // fewest elements a thread takes
 constexpr int64_t kCalls = 0, kSkipped = 1, kEscaped = 2, kFlushed = 3;  // rows of a tally
 constexpr int64_t kMasterMean = 0, kMasterM2 = 1, kMasterCount = 2;     // rows of a master
 constexpr int64_t kMaxFlushEvery = int64_t(1) << 24;
 
 // |v - shift| beyond which a value escapes the block for the master (ESCAPE_ABOVE in Python).
+// The float64 bound is the largest finite double: only a difference that overflowed escapes.
 template <typename acc_t> constexpr acc_t escape_above();
 template <> constexpr float escape_above<float>() { return 281474976710656.0f; }  // 2^48
-template <> constexpr double escape_above<double>() { return std::numeric_limits<double>::infinity(); }
+template <> constexpr double escape_above<double>() { return std::numeric_limits<double>::max(); }
 
 template <typename acc_t>
-inline bool stays_in_block(acc_t d) {  // false for a difference that overflowed, or NaN
-  return (d - d) == acc_t(0) && std::abs(d) <= escape_above<acc_t>();
+inline bool stays_in_block(acc_t d) {  // false for NaN and +-Inf too: they compare false
+  return std::abs(d) <= escape_above<acc_t>();
 }
 
 // One tensor's state, as the loops see it.
@@ -92,14 +95,14 @@ inline void update_element(const State<value_t, acc_t>& s, int64_t e, int64_t he
 // The common call: a clean tensor inside a block (every element holds `held` values, its shift
 // set). Branch-free in the state's dtype, so it vectorises (10x faster than double arithmetic):
 // reads v, shift, mean, M2 and writes mean, M2 (24 bytes per float32 element). A non-finite or
-// escaping value leaves its element as it is here; the rare chunk with one finishes it in
-// update_element.
+// escaping value leaves its element as it is here and makes the result nonzero; the rare chunk
+// with one finishes it in update_element.
 template <typename value_t, typename acc_t>
-LRFLUCT_SIMD_CLONES int64_t welford_clean(const value_t* __restrict__ v, const acc_t* __restrict__ shift,
-                                          acc_t* __restrict__ mean, acc_t* __restrict__ m2,
-                                          int64_t held, int64_t e0, int64_t e1) {
+LRFLUCT_SIMD_CLONES int welford_clean(const value_t* __restrict__ v, const acc_t* __restrict__ shift,
+                                      acc_t* __restrict__ mean, acc_t* __restrict__ m2,
+                                      int64_t held, int64_t e0, int64_t e1) {
   const acc_t inv_count = acc_t(1) / static_cast<acc_t>(held + 1);
-  int64_t left = 0;
+  int left = 0;  // a flag in the vector's own lanes
   for (int64_t e = e0; e < e1; ++e) {
     const acc_t mean_old = mean[e];
     const acc_t diff = static_cast<acc_t>(v[e]) - shift[e];
@@ -109,7 +112,7 @@ LRFLUCT_SIMD_CLONES int64_t welford_clean(const value_t* __restrict__ v, const a
     const acc_t mean_new = mean_old + delta * inv_count;
     mean[e] = mean_new;
     m2[e] = m2[e] + delta * (d - mean_new);
-    left += in ? 0 : 1;
+    left |= !in;
   }
   return left;
 }
@@ -145,7 +148,7 @@ void temporal_update_cpu(at::TensorList values, at::TensorList tallies, at::Tens
   TORCH_CHECK_VALUE(flush_every >= 1 && flush_every <= kMaxFlushEvery,
       "flush_every must be an integer from 1 to ", kMaxFlushEvery, ", got ", flush_every);
   std::vector<at::Tensor> contiguous_values;
-  std::vector<std::pair<int64_t, int64_t>> tasks;  // (tensor index, chunk start)
+  std::vector<int64_t> starts{0};  // tensor i holds elements [starts[i], starts[i + 1]) of the list
   for (size_t i = 0; i < values.size(); ++i) {
     const at::Tensor &v = values[i], &m = moments[i], &g = masters[i];
     const bool ok = is_float_input(v.scalar_type()) && v.device().is_cpu() &&
@@ -165,18 +168,24 @@ void temporal_update_cpu(at::TensorList values, at::TensorList tallies, at::Tens
       check_state("masters" + idx, g, mshape, {at::kDouble}, v.device());
     }
     contiguous_values.push_back(v.contiguous());
-    for (int64_t e = 0; e < values[i].numel(); e += kChunk) tasks.emplace_back(i, e);
+    starts.push_back(starts.back() + v.numel());
   }
-  std::vector<Moved> task_moved(tasks.size());
-  int64_t elements = 0;
-  for (const at::Tensor& v : contiguous_values) elements += v.numel();
-  const int64_t n_tasks = static_cast<int64_t>(tasks.size());
-  at::parallel_for(0, n_tasks, elements < kMinParallelElements ? n_tasks : 1, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t i = tasks[t].first, e0 = tasks[t].second;
+  // The threads split the list's elements evenly, across tensor boundaries: fixed chunks of
+  // 65,536 gave one thread 5 of the autoencoder list's 9. Skipped and escaped values are rare;
+  // their counts are added under a lock.
+  std::vector<Moved> tensor_moved(values.size());
+  std::mutex moved_lock;
+  const int64_t elements = starts.back();
+  at::parallel_for(0, elements, elements < kMinParallelElements ? elements : kChunk,
+                   [&](int64_t b, int64_t end) {
+    size_t i = std::upper_bound(starts.begin(), starts.end(), b) - starts.begin() - 1;
+    for (; b < end; ++i) {
       const at::Tensor& v = contiguous_values[i];
-      const int64_t n = v.numel(), e1 = std::min(n, e0 + kChunk);
+      const int64_t n = v.numel(), e0 = b - starts[i], e1 = std::min(n, end - starts[i]);
+      b = starts[i] + e1;
+      if (e0 >= e1) continue;  // an empty tensor
       double* g = masters[i].data_ptr<double>();
+      Moved moved;
       AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.scalar_type(), "temporal_update", [&] {
         using value_t = scalar_t;
         AT_DISPATCH_FLOATING_TYPES(moments[i].scalar_type(), "temporal_update_state", [&] {
@@ -184,16 +193,21 @@ void temporal_update_cpu(at::TensorList values, at::TensorList tallies, at::Tens
           const State<value_t, scalar_t> s{v.data_ptr<value_t>(), skipped[i].data_ptr<int32_t>(),
                                            m + kMean * n, m + kM2 * n, m + kShift * n,
                                            g + kMasterMean * n, g + kMasterM2 * n, g + kMasterCount * n};
-          task_moved[t] = update_chunk(s, tallies[i].data_ptr<int64_t>(), flush_every, e0, e1);
+          moved = update_chunk(s, tallies[i].data_ptr<int64_t>(), flush_every, e0, e1);
         });
       });
+      if (moved.skipped + moved.escaped > 0) {
+        std::lock_guard<std::mutex> guard(moved_lock);
+        tensor_moved[i].skipped += moved.skipped;
+        tensor_moved[i].escaped += moved.escaped;
+      }
     }
   });
-  // Tallies change only after every chunk has read them.
-  for (size_t t = 0; t < tasks.size(); ++t) {
-    int64_t* tally = tallies[tasks[t].first].data_ptr<int64_t>();
-    tally[kSkipped] += task_moved[t].skipped;
-    tally[kEscaped] += task_moved[t].escaped;
+  // Tallies change only after every element has read them.
+  for (size_t i = 0; i < values.size(); ++i) {
+    int64_t* tally = tallies[i].data_ptr<int64_t>();
+    tally[kSkipped] += tensor_moved[i].skipped;
+    tally[kEscaped] += tensor_moved[i].escaped;
   }
   for (const at::Tensor& t : tallies) {
     int64_t* tally = t.data_ptr<int64_t>();

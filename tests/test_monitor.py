@@ -724,3 +724,31 @@ def test_frozen_parameters_and_input_without_grad():
     for p, q in zip(plain.parameters(), wrapped.parameters()):
         if p.requires_grad:
             torch.testing.assert_close(q.grad, p.grad, rtol=1e-6, atol=1e-6)
+
+
+def test_step_follows_a_replaced_parameter():
+    """A parameter replaced by another of the same shape, then given new storage (p.data = ...),
+    is the one recorded from the next step on (Monitor.step's plan is rebuilt)."""
+    from lrfluct_fast import ops
+    model = nn.Sequential(nn.Linear(4, 3))
+    with torch.no_grad():
+        model[0].weight.fill_(1.0)
+    mon = lf.instrument(model)
+    mon.step()
+    model[0].weight = nn.Parameter(torch.full((3, 4), 5.0))
+    mon.step()
+    model[0].weight.data = torch.full((3, 4), 9.0)
+    mon.step()
+    count, mean, var = ops.temporal_stats(*mon.states["0"].temporal_state("weight"))
+    assert (count == 3).all()
+    torch.testing.assert_close(mean, torch.full((3, 4), 5.0, dtype=mean.dtype))
+    torch.testing.assert_close(var, torch.full((3, 4), 32 / 3, dtype=var.dtype))
+
+
+def test_step_refuses_a_cast_parameter():
+    model = nn.Sequential(nn.Linear(4, 3))
+    mon = lf.instrument(model)
+    mon.step()
+    model.double()
+    with pytest.raises(RuntimeError, match="now torch.float64 on cpu.*cast the model before"):
+        mon.step()
