@@ -1,6 +1,7 @@
 // Python module `lrfluct_fast._C`: `register_kernels()` registers the CPU kernels of the
-// `lrfluct` namespace, whose schemas Python declared (lrfluct_fast/ops), and `Observer` is a
-// layer's eager observation path (observe.cpp). Registration is an explicit call, not a static
+// `lrfluct` namespace, whose schemas Python declared (lrfluct_fast/ops); `Observer` is a
+// layer's eager observation path (observe.cpp), `TemporalPlan` Monitor.step's weight update
+// (temporal_update.cpp). Registration is an explicit call, not a static
 // initializer, so a build whose kernels no longer match the schemas (an extension built from
 // another version of the sources) raises ImportError and leaves nothing registered, where a
 // static registration would abort the interpreter.
@@ -11,7 +12,8 @@
 #include "common.h"
 
 namespace lrfluct {
-void bind_observer(pybind11::module& m);  // observe.cpp
+void bind_observer(pybind11::module& m);       // observe.cpp
+void bind_temporal_plan(pybind11::module& m);  // temporal_update.cpp
 }  // namespace lrfluct
 
 namespace {
@@ -36,9 +38,10 @@ void register_kernels() {
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "CPU kernels of the lrfluct op namespace, and the eager observation path";
+  m.doc() = "CPU kernels of the lrfluct op namespace, the eager observation path, the step's weight update";
   m.def("register_kernels", &register_kernels,
         "Register the CPU kernels of the lrfluct ops (idempotent); ImportError if they do not "
         "match the declared schemas.");
   lrfluct::bind_observer(m);
+  lrfluct::bind_temporal_plan(m);
 }

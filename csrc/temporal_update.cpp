@@ -4,6 +4,8 @@
 // lrfluct_fast/ops/temporal_update.py). All tensors are validated before any state changes; the
 // work is one parallel loop over the list's elements, so each thread takes an equal share
 // whatever the tensors' sizes.
+#include <torch/extension.h>
+
 #include <algorithm>
 #include <cmath>
 #include <limits>
@@ -137,18 +139,34 @@ Moved update_chunk(const State<value_t, acc_t>& s, const int64_t* tally, int64_t
   return moved;
 }
 
-void temporal_update_cpu(at::TensorList values, at::TensorList tallies, at::TensorList skipped,
-                         at::TensorList moments, at::TensorList masters, int64_t flush_every) {
+// One tensor of a validated list, as raw pointers: what a call reads of it.
+struct Entry {
+  at::ScalarType value_type, state_type;
+  int64_t n;
+  const void* v;
+  int32_t* skip;
+  void* moments;   // [3, n] of state_type
+  double* master;  // [3, n]
+  int64_t* tally;  // [4]
+};
+
+// A validated list: its entries, where each starts among the list's elements, and the tensors
+// that keep the pointers valid.
+struct Prepared {
+  std::vector<Entry> entries;
+  std::vector<int64_t> starts{0};  // entry i holds elements [starts[i], starts[i + 1])
+  std::vector<at::Tensor> keep;
+};
+
+Prepared prepare(at::TensorList values, at::TensorList tallies, at::TensorList skipped,
+                 at::TensorList moments, at::TensorList masters) {
   TORCH_CHECK_VALUE(!values.empty(), "values must be a non-empty list of tensors");
   TORCH_CHECK_VALUE(tallies.size() == values.size() && skipped.size() == values.size() &&
                         moments.size() == values.size() && masters.size() == values.size(),
       "values, tallies, skipped, moments and masters must have the same length, got ",
       values.size(), ", ", tallies.size(), ", ", skipped.size(), ", ", moments.size(), ", ",
       masters.size());
-  TORCH_CHECK_VALUE(flush_every >= 1 && flush_every <= kMaxFlushEvery,
-      "flush_every must be an integer from 1 to ", kMaxFlushEvery, ", got ", flush_every);
-  std::vector<at::Tensor> contiguous_values;
-  std::vector<int64_t> starts{0};  // tensor i holds elements [starts[i], starts[i + 1]) of the list
+  Prepared p;
   for (size_t i = 0; i < values.size(); ++i) {
     const at::Tensor &v = values[i], &m = moments[i], &g = masters[i];
     const bool ok = is_float_input(v.scalar_type()) && v.device().is_cpu() &&
@@ -167,56 +185,132 @@ void temporal_update_cpu(at::TensorList values, at::TensorList tallies, at::Tens
       check_state("moments" + idx, m, mshape, {at::kFloat, at::kDouble}, v.device());
       check_state("masters" + idx, g, mshape, {at::kDouble}, v.device());
     }
-    contiguous_values.push_back(v.contiguous());
-    starts.push_back(starts.back() + v.numel());
+    const at::Tensor cv = v.contiguous();
+    p.entries.push_back({cv.scalar_type(), m.scalar_type(), cv.numel(), cv.data_ptr(),
+                         skipped[i].data_ptr<int32_t>(), m.data_ptr(), g.data_ptr<double>(),
+                         tallies[i].data_ptr<int64_t>()});
+    p.starts.push_back(p.starts.back() + cv.numel());
+    for (const at::Tensor& t : {cv, tallies[i], skipped[i], m, g}) p.keep.push_back(t);
   }
-  // The threads split the list's elements evenly, across tensor boundaries: fixed chunks of
-  // 65,536 gave one thread 5 of the autoencoder list's 9. Skipped and escaped values are rare;
-  // their counts are added under a lock.
-  std::vector<Moved> tensor_moved(values.size());
+  return p;
+}
+
+Moved update_entry(const Entry& en, int64_t flush_every, int64_t e0, int64_t e1) {
+  Moved moved;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, en.value_type, "temporal_update", [&] {
+    using value_t = scalar_t;
+    AT_DISPATCH_FLOATING_TYPES(en.state_type, "temporal_update_state", [&] {
+      const int64_t n = en.n;
+      scalar_t* m = static_cast<scalar_t*>(en.moments);
+      double* g = en.master;
+      const State<value_t, scalar_t> s{static_cast<const value_t*>(en.v), en.skip,
+                                       m + kMean * n, m + kM2 * n, m + kShift * n,
+                                       g + kMasterMean * n, g + kMasterM2 * n, g + kMasterCount * n};
+      moved = update_chunk(s, en.tally, flush_every, e0, e1);
+    });
+  });
+  return moved;
+}
+
+// One call over a validated list. The threads split the list's elements evenly, across tensor
+// boundaries: fixed chunks of 65,536 gave one thread 5 of the autoencoder list's 9. Skipped and
+// escaped values are rare; their counts are added under a lock.
+void update_list(const Prepared& p, int64_t flush_every) {
+  TORCH_CHECK_VALUE(flush_every >= 1 && flush_every <= kMaxFlushEvery,
+      "flush_every must be an integer from 1 to ", kMaxFlushEvery, ", got ", flush_every);
+  const std::vector<Entry>& entries = p.entries;
+  const std::vector<int64_t>& starts = p.starts;
+  std::vector<Moved> entry_moved(entries.size());
   std::mutex moved_lock;
   const int64_t elements = starts.back();
   at::parallel_for(0, elements, elements < kMinParallelElements ? elements : kChunk,
                    [&](int64_t b, int64_t end) {
     size_t i = std::upper_bound(starts.begin(), starts.end(), b) - starts.begin() - 1;
     for (; b < end; ++i) {
-      const at::Tensor& v = contiguous_values[i];
-      const int64_t n = v.numel(), e0 = b - starts[i], e1 = std::min(n, end - starts[i]);
+      const int64_t e0 = b - starts[i], e1 = std::min(entries[i].n, end - starts[i]);
       b = starts[i] + e1;
       if (e0 >= e1) continue;  // an empty tensor
-      double* g = masters[i].data_ptr<double>();
-      Moved moved;
-      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.scalar_type(), "temporal_update", [&] {
-        using value_t = scalar_t;
-        AT_DISPATCH_FLOATING_TYPES(moments[i].scalar_type(), "temporal_update_state", [&] {
-          scalar_t* m = moments[i].data_ptr<scalar_t>();
-          const State<value_t, scalar_t> s{v.data_ptr<value_t>(), skipped[i].data_ptr<int32_t>(),
-                                           m + kMean * n, m + kM2 * n, m + kShift * n,
-                                           g + kMasterMean * n, g + kMasterM2 * n, g + kMasterCount * n};
-          moved = update_chunk(s, tallies[i].data_ptr<int64_t>(), flush_every, e0, e1);
-        });
-      });
+      const Moved moved = update_entry(entries[i], flush_every, e0, e1);
       if (moved.skipped + moved.escaped > 0) {
         std::lock_guard<std::mutex> guard(moved_lock);
-        tensor_moved[i].skipped += moved.skipped;
-        tensor_moved[i].escaped += moved.escaped;
+        entry_moved[i].skipped += moved.skipped;
+        entry_moved[i].escaped += moved.escaped;
       }
     }
   });
   // Tallies change only after every element has read them.
-  for (size_t i = 0; i < values.size(); ++i) {
-    int64_t* tally = tallies[i].data_ptr<int64_t>();
-    tally[kSkipped] += tensor_moved[i].skipped;
-    tally[kEscaped] += tensor_moved[i].escaped;
-  }
-  for (const at::Tensor& t : tallies) {
-    int64_t* tally = t.data_ptr<int64_t>();
+  for (size_t i = 0; i < entries.size(); ++i) {
+    int64_t* tally = entries[i].tally;
+    tally[kSkipped] += entry_moved[i].skipped;
+    tally[kEscaped] += entry_moved[i].escaped;
     if (tally[kCalls] - tally[kFlushed] >= flush_every) tally[kFlushed] = tally[kCalls];
     tally[kCalls] += 1;
   }
 }
 
+void temporal_update_cpu(at::TensorList values, at::TensorList tallies, at::TensorList skipped,
+                         at::TensorList moments, at::TensorList masters, int64_t flush_every) {
+  TORCH_CHECK_VALUE(flush_every >= 1 && flush_every <= kMaxFlushEvery,
+      "flush_every must be an integer from 1 to ", kMaxFlushEvery, ", got ", flush_every);
+  update_list(prepare(values, tallies, skipped, moments, masters), flush_every);
+}
+
+// Monitor.step's CPU path (lrfluct_fast/monitor.py, _StepPlan.native_plan): a list validated
+// once and kept with the parameters it reads in place. A call checks that each watched module
+// attribute still holds the same parameter with the same storage and dtype (_StepPlan.valid's
+// checks, on raw objects), then updates from the kept pointers: no list of tensors crosses
+// from Python and no tensor is validated again.
+struct TemporalPlan {
+  struct Watch {
+    pybind11::dict owner;  // the module's _parameters
+    pybind11::str name;
+    pybind11::object param;
+    at::Tensor tensor;     // the parameter's own TensorImpl: `p.data = x` changes its storage
+    const void* data;
+    at::ScalarType dtype;
+  };
+  Prepared prepared;
+  std::vector<Watch> watches;
+
+  bool run(int64_t flush_every) {
+    for (const Watch& w : watches) {
+      PyObject* now = PyDict_GetItemWithError(w.owner.ptr(), w.name.ptr());
+      if (now == nullptr && PyErr_Occurred()) throw pybind11::error_already_set();
+      if (now != w.param.ptr() || w.tensor.data_ptr() != w.data || w.tensor.scalar_type() != w.dtype)
+        return false;
+    }
+    update_list(prepared, flush_every);
+    return true;
+  }
+};
+
 }  // namespace
+
+void bind_temporal_plan(pybind11::module& m) {
+  namespace py = pybind11;
+  py::class_<TemporalPlan>(m, "TemporalPlan",
+      "temporal_update over a fixed list, validated once (csrc/temporal_update.cpp)")
+      .def(py::init([](const std::vector<at::Tensor>& values, const std::vector<at::Tensor>& tallies,
+                       const std::vector<at::Tensor>& skipped, const std::vector<at::Tensor>& moments,
+                       const std::vector<at::Tensor>& masters, const py::list& watch) {
+             auto plan = std::make_unique<TemporalPlan>();
+             plan->prepared = prepare(values, tallies, skipped, moments, masters);
+             for (py::handle item : watch) {
+               const auto t = item.cast<py::tuple>();
+               const at::Tensor tensor = t[2].cast<at::Tensor>();
+               plan->watches.push_back({t[0].cast<py::dict>(), t[1].cast<py::str>(),
+                                        py::reinterpret_borrow<py::object>(t[2]), tensor,
+                                        tensor.data_ptr(), tensor.scalar_type()});
+             }
+             return plan;
+           }),
+           py::arg("values"), py::arg("tallies"), py::arg("skipped"), py::arg("moments"),
+           py::arg("masters"), py::arg("watch"),
+           "watch: (module._parameters, name, parameter) per parameter read in place")
+      .def("run", &TemporalPlan::run, py::arg("flush_every"),
+           "one temporal_update call; False (nothing updated) when a watched parameter was "
+           "replaced, moved or cast");
+}
 
 void register_temporal_update(torch::Library& m) { m.impl("temporal_update", &temporal_update_cpu); }
 

@@ -70,7 +70,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from . import distributed, drift, fsdp, metrics, ops, rundir, windows
+from . import _backend, distributed, drift, fsdp, metrics, ops, rundir, windows
 from . import options as options_
 from .layers import kind_of, parameter_kind, parameter_value
 from .nn import GradScale, LayerState, unwrap, wrap
@@ -122,14 +122,7 @@ class Monitor:
         """Call after optimizer.step(): records weights and biases (one multi-tensor call)."""
         self._check_live()
         if self.steps % self.options["every"] == 0:
-            plan = self._plan if self._plan is not None and self._plan.valid() else self._new_plan()
-            started = self._drift_observed > 0
-            if self._weight_stream is not None:
-                self._weight_stream.run(lambda: self._update_weights(plan, started))
-            else:
-                self._update_weights(plan, started)
-            if plan.drift is not None:
-                self._drift_observed += 1
+            self._record_weights()
         self.steps += 1
         if self._grad_scale is not None:
             self._commit_scaled_gradients()
@@ -149,10 +142,29 @@ class Monitor:
         if reads.pending is not None:  # another thread waits for a step boundary to read at
             reads.serve(lambda: self._statistics(copy=True))
 
+    def _record_weights(self) -> None:
+        plan = self._plan
+        if plan is not None and plan.native is not None:
+            if plan.native.run(ops.FLUSH_EVERY):  # False: it found a watched parameter changed
+                return
+            plan = None
+        if plan is None or not plan.valid():
+            plan = self._new_plan()
+            if plan.native is not None:
+                plan.native.run(ops.FLUSH_EVERY)  # checked just now: it runs
+                return
+        started = self._drift_observed > 0
+        if self._weight_stream is not None:
+            self._weight_stream.run(lambda: self._update_weights(plan, started))
+        else:
+            self._update_weights(plan, started)
+        if plan.drift is not None:
+            self._drift_observed += 1
+
     def _update_weights(self, plan: "_StepPlan", drift_started: bool) -> None:
         values = plan.values + [_computed_value(m, st, role) for m, st, role in plan.computed]
         if values:
-            ops.temporal_update(values, *plan.temporal)
+            ops.temporal_update(values, *plan.temporal, flush_every=ops.FLUSH_EVERY)
         if plan.drift is not None:
             plan.drift.update([v if isinstance(v, torch.Tensor) else _raw_weight(m, st)
                                for v, m, st in plan.drift_values], drift_started)
@@ -191,6 +203,8 @@ class Monitor:
                 plan.drift_values.append((value.detach() if isinstance(value, nn.Parameter) else None,
                                           self.layers[name], st))  # else computed each step
         plan.temporal = plan.states()
+        if self._weight_stream is None:
+            plan.native = plan.native_plan()
         self._plan = plan
         return plan
 
@@ -502,7 +516,8 @@ class _StepPlan:
     biases, the per-neuron RMS), with their states in the same order. It stays valid while
     every watched attribute still holds the same parameter with the same storage (a move or
     cast gives it new storage), so a step costs a few attribute reads per tensor; anything
-    else rebuilds it with every check."""
+    else rebuilds it with every check. On CPU, with every value read in place, the step is
+    one C++ call (`native`, a `_C.TemporalPlan`) that makes those reads itself."""
 
     def __init__(self):
         self.values: list[torch.Tensor] = []
@@ -513,6 +528,19 @@ class _StepPlan:
         # computed each step, module, LayerState)
         self.drift: drift.DriftStep | None = None
         self.drift_values: list[tuple[torch.Tensor | None, nn.Module, LayerState]] = []
+        self.native = None  # the C++ TemporalPlan, where native_plan() gives one
+
+    def native_plan(self):
+        """The step in C++, for a plan that only reads CPU parameters in place (nothing
+        computed, no drift): a `_C.TemporalPlan` that keeps the checked lists and makes
+        valid()'s checks itself; None otherwise."""
+        if (self.computed or self.drift is not None or not self.values
+                or _backend.cpp_error() is not None
+                or any(v.device.type != "cpu" for v in self.values)):
+            return None
+        from . import _C
+        return _C.TemporalPlan(self.values, *self.temporal,
+                               [(owner, name, p) for owner, name, p, _, _ in self._watch])
 
     def watch(self, module: nn.Module, attr: str, p: nn.Parameter) -> None:
         """Keep the plan while module.<attr> is still `p`, with the same storage and dtype."""

@@ -726,9 +726,48 @@ def test_frozen_parameters_and_input_without_grad():
             torch.testing.assert_close(q.grad, p.grad, rtol=1e-6, atol=1e-6)
 
 
-def test_step_follows_a_replaced_parameter():
+@pytest.fixture(params=["native", "python"])
+def step_path(request, monkeypatch):
+    """Monitor.step's weight update through the C++ TemporalPlan (the CPU default) or through
+    the dispatched op (the path of CUDA, computed values and drift)."""
+    if request.param == "python":
+        monkeypatch.setattr("lrfluct_fast.monitor._StepPlan.native_plan", lambda self: None)
+    return request.param
+
+
+def test_step_paths_record_the_same_state(monkeypatch):
+    """The C++ step and the dispatched op leave bit-identical temporal state, over enough
+    calls to close blocks, with a non-finite value and a tensor split between threads."""
+    from lrfluct_fast import monitor, ops
+    monkeypatch.setattr(ops, "FLUSH_EVERY", 4)
+
+    def run(native):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(300, 250), nn.ReLU(), nn.Linear(250, 3))  # 75k weights
+        mon = lf.instrument(model)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        for step in range(9):
+            opt.zero_grad()
+            model(torch.randn(4, 300)).square().mean().backward()
+            opt.step()
+            if step == 5:
+                with torch.no_grad():
+                    model[0].weight[7, 11] = float("nan")
+            mon.step()
+            assert (mon._plan.native is not None) == native
+        return {(name, k): t.clone() for name, st in mon.states.items() for k, t in st.buffers.items()}
+
+    native = run(True)
+    monkeypatch.setattr(monitor._StepPlan, "native_plan", lambda self: None)
+    python = run(False)
+    assert native.keys() == python.keys()
+    for key in native:
+        assert torch.equal(native[key].nan_to_num(), python[key].nan_to_num()), key
+
+
+def test_step_follows_a_replaced_parameter(step_path):
     """A parameter replaced by another of the same shape, then given new storage (p.data = ...),
-    is the one recorded from the next step on (Monitor.step's plan is rebuilt)."""
+    is the one recorded from the next step on, on either step path."""
     from lrfluct_fast import ops
     model = nn.Sequential(nn.Linear(4, 3))
     with torch.no_grad():
@@ -745,7 +784,7 @@ def test_step_follows_a_replaced_parameter():
     torch.testing.assert_close(var, torch.full((3, 4), 32 / 3, dtype=var.dtype))
 
 
-def test_step_refuses_a_cast_parameter():
+def test_step_refuses_a_cast_parameter(step_path):
     model = nn.Sequential(nn.Linear(4, 3))
     mon = lf.instrument(model)
     mon.step()

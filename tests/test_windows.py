@@ -246,12 +246,11 @@ def test_whole_run_with_tied_weights_and_neuron_mode(weight_mode):
 
 
 def test_weight_windows_longer_than_a_temporal_block(monkeypatch):
-    """Blocks of 3 calls (ops.temporal_update's flush_every) under weight windows of 7 and bias
-    windows of 5: each window's row and the whole run equal float64 over exactly their steps,
-    though each window holds closed blocks in its master and an open one."""
-    from functools import partial
+    """Blocks of 3 calls (the flush_every Monitor.step reads from ops.FLUSH_EVERY) under weight
+    windows of 7 and bias windows of 5: each window's row and the whole run equal float64 over
+    exactly their steps, though each window holds closed blocks in its master and an open one."""
     from lrfluct_fast import ops
-    monkeypatch.setattr(ops, "temporal_update", partial(ops.temporal_update, flush_every=3))
+    monkeypatch.setattr(ops, "FLUSH_EVERY", 3)
     net, opt, mon = _make(windows={"weight": 7, "bias": 5})
     rec = _Recorder(net)
     _train(net, opt, mon, 6, rec)
