@@ -57,12 +57,15 @@ def _step_time(model, mon, x, steps):
     return per_call(step, steps)
 
 
+def _tiny_mlp(layers):
+    """`layers` x Linear(16, 16), the same weights each call: the fixed-cost workload."""
+    torch.manual_seed(0)
+    return nn.Sequential(*[nn.Linear(16, 16) for _ in range(layers)])
+
+
 def fixed_cost_per_layer(layers=8, repeats=7, steps=1000):
-    def make():
-        torch.manual_seed(0)
-        return nn.Sequential(*[nn.Linear(16, 16) for _ in range(layers)])
     x = torch.randn(4, 16)
-    plain, wrapped = make(), make()
+    plain, wrapped = _tiny_mlp(layers), _tiny_mlp(layers)
     mon = lf.instrument(wrapped)
     times = {"plain": [], "instrumented": []}
     for _ in range(repeats):
@@ -76,11 +79,8 @@ def fixed_cost_breakdown(layers=8, repeats=7, calls=2000):
     """Per layer: (forward, forward + backward, Monitor.step) over the plain twin, in seconds,
     of 8 x Linear(16, 16) at batch 4 (the forward and backward with weights and biases off,
     so no step work hides in them)."""
-    def make():
-        torch.manual_seed(0)
-        return nn.Sequential(*[nn.Linear(16, 16) for _ in range(layers)])
     x = torch.randn(4, 16, requires_grad=True)
-    plain, light, full = make(), make(), make()
+    plain, light, full = _tiny_mlp(layers), _tiny_mlp(layers), _tiny_mlp(layers)
     lf.instrument(light, weights=False, biases=False)
     mon = lf.instrument(full)
     cases = {"fwd plain": lambda: plain(x), "fwd": lambda: light(x),
@@ -99,11 +99,8 @@ def step_phases(layers=8, repeats=7, steps=1000):
     """Per layer: (forward, backward, optimizer step, Monitor.step) of the whole instrumented
     step minus the plain twin's, each phase timed inside the step loop (so a phase pays for
     what the one before it evicted from the caches), in seconds."""
-    def make():
-        torch.manual_seed(0)
-        return nn.Sequential(*[nn.Linear(16, 16) for _ in range(layers)])
     x = torch.randn(4, 16)
-    plain, wrapped = make(), make()
+    plain, wrapped = _tiny_mlp(layers), _tiny_mlp(layers)
     runs = {"plain": (plain, None), "instrumented": (wrapped, lf.instrument(wrapped))}
     opts = {k: torch.optim.SGD(m.parameters(), lr=1e-3) for k, (m, _) in runs.items()}
     clock = time.perf_counter

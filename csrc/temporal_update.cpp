@@ -212,9 +212,10 @@ Moved update_entry(const Entry& en, int64_t flush_every, int64_t e0, int64_t e1)
   return moved;
 }
 
-// One call over a validated list. The threads split the list's elements evenly, across tensor
-// boundaries: fixed chunks of 65,536 gave one thread 5 of the autoencoder list's 9. Skipped and
-// escaped values are rare; their counts are added under a lock.
+// One call over a validated list; flush_every is checked here, before any state changes. The
+// threads split the list's elements evenly, across tensor boundaries: fixed chunks of 65,536
+// gave one thread 5 of the autoencoder list's 9. Skipped and escaped values are rare; their
+// counts are added under a lock.
 void update_list(const Prepared& p, int64_t flush_every) {
   TORCH_CHECK_VALUE(flush_every >= 1 && flush_every <= kMaxFlushEvery,
       "flush_every must be an integer from 1 to ", kMaxFlushEvery, ", got ", flush_every);
@@ -250,8 +251,6 @@ void update_list(const Prepared& p, int64_t flush_every) {
 
 void temporal_update_cpu(at::TensorList values, at::TensorList tallies, at::TensorList skipped,
                          at::TensorList moments, at::TensorList masters, int64_t flush_every) {
-  TORCH_CHECK_VALUE(flush_every >= 1 && flush_every <= kMaxFlushEvery,
-      "flush_every must be an integer from 1 to ", kMaxFlushEvery, ", got ", flush_every);
   update_list(prepare(values, tallies, skipped, moments, masters), flush_every);
 }
 
