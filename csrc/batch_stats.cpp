@@ -12,6 +12,7 @@
 // so each input byte is read once. A contiguous conv output [B, N, S] is read in place, as
 // B x N runs of S values summed in vector lanes (accumulate_run), not copied to rows.
 #include <cstring>
+#include <vector>
 #include <type_traits>
 
 #include "common.h"
@@ -187,10 +188,23 @@ void accumulate_runs(const scalar_t* x, const Layout& at_, int64_t b0, int64_t b
       accumulate_run<true>(x + (b * N + j) * S, S, shift[j], out, j);
 }
 
+// Each column's shift: its first finite value (0 for a column with none). Row 0 is almost always
+// finite: it is checked in one vectorised pass and taken whole; only otherwise is each column
+// searched.
 template <typename scalar_t>
-void first_finite(const scalar_t* x, const Layout& at_, double* shift) {
-  const int64_t grain = at_.R * at_.N < kMinParallelElements ? at_.N : 1024;
-  at::parallel_for(0, at_.N, grain, [&](int64_t j0, int64_t j1) {
+LRFLUCT_SIMD_CLONES void first_finite(const scalar_t* x, const Layout& at_, double* shift) {
+  const int64_t N = at_.N;
+  if (at_.S == 1 && at_.R > 0) {
+    int nonfinite = 0;  // an int OR, which vectorises (a bool AND does not)
+    for (int64_t j = 0; j < N; ++j) {
+      const double v = static_cast<double>(x[j]);
+      shift[j] = v;
+      nonfinite |= !((v - v) == 0.0);  // NaN and +-Inf
+    }
+    if (!nonfinite) return;
+  }
+  const int64_t grain = at_.R * N < kMinParallelElements ? N : 1024;
+  at::parallel_for(0, N, grain, [&](int64_t j0, int64_t j1) {
     for (int64_t j = j0; j < j1; ++j) {
       shift[j] = 0.0;
       for (int64_t r = 0; r < at_.R; ++r) {
@@ -229,12 +243,58 @@ void scaled_column(const scalar_t* x, const Layout& at_, int64_t j, double shift
   *m2 = s2 / sc / sc;
 }
 
+// Columns [j0, j1) of the output from the row chunks' partial sums (added into chunk 0's, in
+// chunk order), with no branch, so the loops vectorise. A column whose sums overflowed is then
+// redone by the caller.
+LRFLUCT_SIMD_CLONES void finish_columns(double* __restrict__ partial, int64_t row_chunks,
+                                        int64_t R, int64_t N, int64_t j0, int64_t j1,
+                                        const double* __restrict__ shift,
+                                        int64_t* __restrict__ counts,
+                                        double* __restrict__ moments) {
+  for (int64_t c = 1; c < row_chunks; ++c)
+    for (int64_t row = 0; row < 4; ++row)
+      for (int64_t j = j0; j < j1; ++j) partial[row * N + j] += partial[(c * 4 + row) * N + j];
+  for (int64_t j = j0; j < j1; ++j) {
+    const double s1 = partial[j], s2 = partial[N + j], n = partial[2 * N + j];
+    const double mean_shifted = s1 / std::max(n, 1.0);  // s1 and the shift are 0 where n is 0
+    moments[kMean * N + j] = mean_shifted;
+    moments[kM2 * N + j] = std::max(0.0, s2 - s1 * mean_shifted);
+    moments[kShift * N + j] = shift[j];
+  }
+  for (int64_t j = j0; j < j1; ++j) {  // apart: double to int64 does not vectorise before AVX-512
+    const int64_t n = static_cast<int64_t>(partial[2 * N + j]);
+    counts[kCount * N + j] = n;
+    counts[kPositive * N + j] = static_cast<int64_t>(partial[3 * N + j]);
+    counts[kNonfinite * N + j] = R - n;
+  }
+}
+
+// Per-call scratch: a buffer kept by the calling thread and reused (no allocation and no page
+// faults on the hot path) up to kKeptDoubles, a fresh one beyond (a 50257-wide head).
+class Scratch {
+ public:
+  explicit Scratch(size_t n) {
+    constexpr size_t kKeptDoubles = size_t(1) << 16;  // 512 KiB
+    thread_local std::vector<double> kept;
+    if (n > kKeptDoubles) {
+      own_.resize(n);
+      data_ = own_.data();
+      return;
+    }
+    if (kept.size() < n) kept.resize(n);
+    data_ = kept.data();
+  }
+  double* data() const { return data_; }
+
+ private:
+  std::vector<double> own_;
+  double* data_;
+};
+
 template <typename scalar_t>
 void batch_stats_kernel(const scalar_t* x, const Layout& at_, int64_t* counts, double* moments) {
   const int64_t R = at_.R, N = at_.N, S = at_.S;
   if (N == 0) return;  // no column: nothing to compute, and no task to size
-  std::vector<double> shift(N);
-  first_finite(x, at_, shift.data());
 
   // Tasks: (row chunk x column block). Rows [R, N]: chunks of rows. Runs [B, N, S]: chunks of
   // whole batches (a run is contiguous whatever the column block).
@@ -250,38 +310,31 @@ void batch_stats_kernel(const scalar_t* x, const Layout& at_, int64_t* counts, d
   const int64_t block_cols = ((N + blocks_wanted - 1) / blocks_wanted + align - 1) / align * align;
   const int64_t col_blocks = (N + block_cols - 1) / block_cols;
   const int64_t chunk_units = (units + row_chunks - 1) / row_chunks;
-  std::vector<double> partial(4 * row_chunks * N, 0.0);  // [row_chunks][4][N]
+
+  const Scratch scratch((1 + 4 * row_chunks) * N);
+  double* const shift = scratch.data();
+  double* const partial = shift + N;  // [row_chunks][4][N]
+  std::fill(partial, partial + 4 * row_chunks * N, 0.0);
+  first_finite(x, at_, shift);
 
   at::parallel_for(0, row_chunks * col_blocks, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t chunk = t / col_blocks, block = t % col_blocks;
-      double* base = partial.data() + chunk * 4 * N;
+      double* base = partial + chunk * 4 * N;
       Sums out{base, base + N, base + 2 * N, base + 3 * N};
       const int64_t c0 = block * block_cols, c1 = std::min(N, c0 + block_cols);
       const int64_t u0 = chunk * chunk_units, u1 = std::min(units, u0 + chunk_units);
-      if (S == 1) accumulate_block(x, N, u0, u1, c0, c1, shift.data(), out);
-      else accumulate_runs(x, at_, u0, u1, c0, c1, shift.data(), out);
+      if (S == 1) accumulate_block(x, N, u0, u1, c0, c1, shift, out);
+      else accumulate_runs(x, at_, u0, u1, c0, c1, shift, out);
     }
   });
 
   at::parallel_for(0, N, R * N < kMinParallelElements ? N : 2048, [&](int64_t j0, int64_t j1) {
+    finish_columns(partial, row_chunks, R, N, j0, j1, shift, counts, moments);
     for (int64_t j = j0; j < j1; ++j) {
-      double s1 = 0, s2 = 0, n = 0, pos = 0;
-      for (int64_t c = 0; c < row_chunks; ++c) {
-        const double* base = partial.data() + c * 4 * N;
-        s1 += base[j]; s2 += base[N + j]; n += base[2 * N + j]; pos += base[3 * N + j];
-      }
-      double mean_shifted = n > 0 ? s1 / n : 0.0;  // shift is 0 where n is 0
-      double m2 = std::max(0.0, s2 - s1 * mean_shifted);
-      if (!std::isfinite(s1) || !std::isfinite(s2)) {
-        scaled_column(x, at_, j, shift[j], n, &mean_shifted, &m2);
-      }
-      counts[kCount * N + j] = static_cast<int64_t>(n);
-      counts[kPositive * N + j] = static_cast<int64_t>(pos);
-      counts[kNonfinite * N + j] = R - static_cast<int64_t>(n);
-      moments[kMean * N + j] = mean_shifted;
-      moments[kM2 * N + j] = m2;
-      moments[kShift * N + j] = shift[j];
+      if (std::isfinite(partial[j] + partial[N + j])) continue;  // (a sum that overflows: a needless redo)
+      scaled_column(x, at_, j, shift[j], double(counts[kCount * N + j]), &moments[kMean * N + j],
+                    &moments[kM2 * N + j]);
     }
   });
 }

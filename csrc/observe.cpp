@@ -58,8 +58,8 @@ struct ObserveBackward : public torch::autograd::Node {
   std::shared_ptr<Observer> obs;
   int64_t dim = 0;
   // this forward's activation statistics: raw on CPU, tensors elsewhere
-  std::vector<int64_t> pending_counts;
-  std::vector<double> pending_moments;
+  std::unique_ptr<int64_t[]> pending_counts;  // [3, N], written whole by batch_stats_into
+  std::unique_ptr<double[]> pending_moments;
   at::Tensor pending_counts_t, pending_moments_t;
 
   std::string name() const override { return "ObserveBackward"; }
@@ -76,7 +76,7 @@ struct ObserveBackward : public torch::autograd::Node {
     const bool act = o.act_counts.defined();
     const bool grad = o.grad_counts.defined() && grads[0].defined();
     if (o.device.is_cpu()) {
-      if (act) merge_batch(o.act_counts, o.act_moments, pending_counts.data(), pending_moments.data());
+      if (act) merge_batch(o.act_counts, o.act_moments, pending_counts.get(), pending_moments.get());
       if (grad) {
         // read only, under no_grad: no detached alias needed (one TensorImpl less per call)
         thread_local std::vector<int64_t> counts;
@@ -144,9 +144,9 @@ at::Tensor observe(const std::shared_ptr<Observer>& obs, const at::Tensor& z) {
     at::NoGradGuard no_grad;
     const at::Tensor rows = neuron_view(z, o.dim);  // read only, under no_grad
     if (o.device.is_cpu()) {
-      node->pending_counts.resize(3 * o.neurons);
-      node->pending_moments.resize(3 * o.neurons);
-      batch_stats_into(rows, node->pending_counts.data(), node->pending_moments.data());
+      node->pending_counts.reset(new int64_t[3 * o.neurons]);  // not zeroed: all written below
+      node->pending_moments.reset(new double[3 * o.neurons]);
+      batch_stats_into(rows, node->pending_counts.get(), node->pending_moments.get());
     } else {
       static auto batch_stats = c10::Dispatcher::singleton()
           .findSchemaOrThrow("lrfluct::batch_stats", "")
