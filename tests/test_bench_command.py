@@ -109,3 +109,18 @@ def test_gpu_check_script_runs_in_smoke_mode(tmp_path):
     assert "kernels: worst" in summary and "FAILED" not in summary
     assert "| accumulate_stats |" in (out / "kernels.md").read_text()
     assert (out / "bench" / "bench.md").exists()
+
+
+@pytest.mark.parametrize("mode,parts", [
+    ("lrfluct-activations", {"activations"}),
+    ("lrfluct-gradients", {"gradients"}),
+    ("lrfluct-weights", {"weights", "biases"}),
+])
+def test_split_variants_monitor_one_part(mode, parts):
+    """The variants that split lrfluct's cost each switch on only their part of the monitor."""
+    from torch import nn
+    assert mode in runner.known_modes()
+    monitor, _ = runner.attach(mode, nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2)))
+    on = {p for p in ("activations", "gradients", "weights", "biases") if monitor.options[p]}
+    monitor.remove()
+    assert on == parts

@@ -36,8 +36,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per mode first (default 2)")
     p.add_argument("--modes", nargs="+", default=None,
                    help=f"any of {', '.join(runner.known_modes())} (default: "
-                        f"{', '.join(runner.available_modes())}); lrfluct-neuron and "
-                        "lrfluct-no-weights split lrfluct's cost, lrfluct-drift adds drift=True's")
+                        f"{', '.join(runner.available_modes())}); lrfluct-neuron, lrfluct-no-weights, "
+                        "lrfluct-activations, lrfluct-gradients and lrfluct-weights split lrfluct's "
+                        "cost, lrfluct-drift adds drift=True's")
     p.add_argument("--out", default="runs/bench", help="output directory (default runs/bench)")
     p.add_argument("--scaling", action="store_true",
                    help="also measure overhead against width, layers and batch (MLP), and "

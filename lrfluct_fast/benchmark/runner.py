@@ -33,6 +33,9 @@ LRFLUCT_VARIANTS = {
     "lrfluct": {},
     "lrfluct-neuron": {"weight_mode": "neuron"},                  # O(neurons) weight statistics
     "lrfluct-no-weights": {"weights": False, "biases": False},    # activations + gradients only
+    "lrfluct-activations": {"weights": False, "biases": False, "gradients": False},
+    "lrfluct-gradients": {"weights": False, "biases": False, "activations": False},
+    "lrfluct-weights": {"activations": False, "gradients": False},  # weights + biases only
     "lrfluct-drift": {"drift": True},                             # + weight.drift, weight.update_size
 }
 
