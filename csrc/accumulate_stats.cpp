@@ -1,6 +1,6 @@
 // accumulate_stats on CPU: x's per-neuron statistics merged into a running state, and a pending
 // batch into another, with no tensor between them (lrfluct_fast/ops/accumulate_stats.py).
-#include <vector>
+#include <memory>
 
 #include "common.h"
 
@@ -27,11 +27,12 @@ void accumulate_stats_cpu(const at::Tensor& x, const at::Tensor& counts, const a
     check_state("into_counts", *into_counts, {3, N}, {at::kLong}, device);
     check_state("into_moments", *into_moments, {3, N}, {at::kDouble}, device);
   }
-  std::vector<int64_t> b_counts(3 * N);
-  std::vector<double> b_moments(3 * N);
-  batch_stats_into(x, b_counts.data(), b_moments.data());
-  merge_into(counts.data_ptr<int64_t>(), moments.data_ptr<double>(), b_counts.data(),
-             b_moments.data(), N);
+  // not zero-filled: batch_stats_into writes them whole
+  std::unique_ptr<int64_t[]> b_counts(new int64_t[3 * N]);
+  std::unique_ptr<double[]> b_moments(new double[3 * N]);
+  batch_stats_into(x, b_counts.get(), b_moments.get());
+  merge_into(counts.data_ptr<int64_t>(), moments.data_ptr<double>(), b_counts.get(),
+             b_moments.get(), N);
   if (given == 4) {
     merge_into(into_counts->data_ptr<int64_t>(), into_moments->data_ptr<double>(),
                pending_counts->data_ptr<int64_t>(), pending_moments->data_ptr<double>(), N);

@@ -3,17 +3,18 @@
 //
 // Design: each column is shifted by its first finite value (returned as the SHIFT row, so the
 // moments stay relative to it; see lrfluct_fast/ops/_library.py), then sum(d) and sum(d^2) of the
-// shifted values d are accumulated in double (after 4-row tiles summed in float). Shifted sums
-// over row chunks with the same shift simply add, so the tensor is cut into (row chunk x column
-// block) tasks for the threads and reduced at the end; the shift keeps M2 = sum(d^2) - sum(d)^2/n
-// free of cancellation for data far from zero (mean 1e4, std 1). Each task first runs a clean
-// pass that takes every value as finite (no mask, no count); only a block whose sums come out
-// non-finite is read again with the mask. Activations and gradients are almost always finite,
-// so each input byte is read once. A contiguous conv output [B, N, S] is read in place, as
-// B x N runs of S values summed in vector lanes (accumulate_run), not copied to rows.
+// shifted values d are accumulated in double (after 8-row tiles summed pairwise in float).
+// Shifted sums over row chunks with the same shift simply add, so the tensor is cut into (row
+// chunk x column block) tasks for the threads and reduced at the end; the shift keeps
+// M2 = sum(d^2) - sum(d)^2/n free of cancellation for data far from zero (mean 1e4, std 1).
+// Each task first runs a clean pass that takes every value as finite (no mask, no count); only
+// a block whose sums come out non-finite is read again with the mask. Activations and gradients
+// are almost always finite, so each input byte is read once. A contiguous conv output [B, N, S]
+// is read in place, as B x N runs of S values summed in vector lanes (accumulate_run), not
+// copied to rows.
 #include <cstring>
-#include <vector>
 #include <type_traits>
+#include <vector>
 
 #include "common.h"
 
@@ -42,10 +43,11 @@ struct Layout {
   }
 };
 
-// One step of the accumulation for one column: adds U rows' contributions. The U-row tile is
-// summed in float (double for double input), twice the SIMD width of double, then added to
-// the double accumulators: the shifted values are exact in float near the shift, and a tile
-// of U terms adds at most U float roundings.
+// One step of the accumulation for one column: U rows' contributions, summed pairwise in float
+// (double for double input) and then added to the double accumulators, or written to them for
+// the first step of a task (kInit: the partial sums need no zero-fill). The shifted values are
+// exact in float near the shift, and a pairwise tile of 8 adds at most 3 float roundings to a
+// term, as many as a sequential tile of 4, at half the accumulator traffic.
 //
 // kMasked: non-finite values are skipped and the finite ones counted. Without it (the clean
 // pass) every value is taken as finite, which saves the mask and the count; a non-finite value
@@ -53,45 +55,82 @@ struct Layout {
 // masked.
 // The masked pass computes in double: it also serves blocks whose float squares overflowed
 // (data beyond ~1e19), and double holds the squares of any float32 value.
-template <int U, bool kMasked, typename scalar_t>
-inline void accumulate_column(const scalar_t* __restrict__ x, int64_t N, int64_t r, int64_t j,
+//
+// tile_sums: the sums of U rows of one column from row r, as a balanced tree of pairs, built
+// depth first so few values are live at once. Both are inlined whole, or the column loops do
+// not vectorise (with half-precision loads they exceed GCC's inlining budget).
+template <typename T>
+struct Tile {
+  T s1, s2, count, positive;
+};
+
+template <int U, bool kMasked, typename compute_t, typename scalar_t>
+[[gnu::always_inline]] inline Tile<compute_t> tile_sums(const scalar_t* __restrict__ x, int64_t N, int64_t r, int64_t j,
+                                 compute_t sj) {
+  if constexpr (U == 1) {
+    const compute_t v = static_cast<compute_t>(x[r * N + j]);
+    if constexpr (kMasked) {
+      const bool finite = (v - v) == compute_t(0);  // false for NaN and +-Inf
+      const compute_t d = finite ? v - sj : compute_t(0);
+      return {d, d * d, finite ? compute_t(1) : compute_t(0),
+              (finite & (v > compute_t(0))) ? compute_t(1) : compute_t(0)};
+    } else {
+      const compute_t d = v - sj;
+      return {d, d * d, compute_t(1), v > compute_t(0) ? compute_t(1) : compute_t(0)};
+    }
+  } else {
+    const Tile<compute_t> a = tile_sums<U / 2, kMasked>(x, N, r, j, sj);
+    const Tile<compute_t> b = tile_sums<U / 2, kMasked>(x, N, r + U / 2, j, sj);
+    return {a.s1 + b.s1, a.s2 + b.s2, a.count + b.count, a.positive + b.positive};
+  }
+}
+
+template <int U, bool kMasked, bool kInit, typename scalar_t>
+[[gnu::always_inline]] inline void accumulate_column(const scalar_t* __restrict__ x, int64_t N, int64_t r, int64_t j,
                               const double* __restrict__ shift, Sums out) {
   using compute_t =
       std::conditional_t<kMasked || std::is_same_v<scalar_t, double>, double, float>;
   const compute_t sj = static_cast<compute_t>(shift[j]);  // exact: the shift is an input value
-  compute_t a1 = 0, a2 = 0, ac = 0, ap = 0;
-#pragma GCC unroll 4
-  for (int u = 0; u < U; ++u) {
-    const compute_t v = static_cast<compute_t>(x[(r + u) * N + j]);
-    const bool finite = !kMasked || (v - v) == compute_t(0);  // false for NaN and +-Inf
-    const compute_t d = finite ? v - sj : compute_t(0);
-    const compute_t one = finite ? compute_t(1) : compute_t(0);
-    a1 += d;
-    a2 += d * d;
-    if (kMasked) ac += one;
-    ap += v > compute_t(0) ? one : compute_t(0);
+  const Tile<compute_t> t = tile_sums<U, kMasked>(x, N, r, j, sj);
+  if (kInit) {
+    out.s1[j] = t.s1; out.s2[j] = t.s2; out.positive[j] = t.positive;
+    if (kMasked) out.count[j] = t.count;
+  } else {
+    out.s1[j] += t.s1; out.s2[j] += t.s2; out.positive[j] += t.positive;
+    if (kMasked) out.count[j] += t.count;
   }
-  out.s1[j] += a1; out.s2[j] += a2; out.positive[j] += ap;
-  if (kMasked) out.count[j] += ac;
 }
 
-// Rows are streamed (contiguous loads), four at a time so each accumulator is loaded and
-// stored once per four rows; the loop over columns vectorises.
+// Rows are streamed (contiguous loads), eight at a time so each accumulator is loaded and
+// stored once per eight rows; the loop over columns vectorises. The first step writes the
+// task's partial sums (the count row too, when masked), so they need no zero-fill.
 template <bool kMasked, typename scalar_t>
 LRFLUCT_SIMD_CLONES void accumulate_rows(const scalar_t* __restrict__ x, int64_t N, int64_t r0,
                                          int64_t r1, int64_t c0, int64_t c1,
                                          const double* __restrict__ shift, Sums out) {
-  constexpr int kRows = 4;
+  constexpr int kRows = 8;
   int64_t r = r0;
+  if (r + kRows <= r1) {
+    for (int64_t j = c0; j < c1; ++j)
+      accumulate_column<kRows, kMasked, true>(x, N, r, j, shift, out);
+    r += kRows;
+  } else if (r < r1) {
+    for (int64_t j = c0; j < c1; ++j) accumulate_column<1, kMasked, true>(x, N, r, j, shift, out);
+    r += 1;
+  } else {  // no row
+    for (double* row : {out.s1, out.s2, out.count, out.positive})
+      std::fill(row + c0, row + c1, 0.0);
+  }
   for (; r + kRows <= r1; r += kRows)
-    for (int64_t j = c0; j < c1; ++j) accumulate_column<kRows, kMasked>(x, N, r, j, shift, out);
+    for (int64_t j = c0; j < c1; ++j)
+      accumulate_column<kRows, kMasked, false>(x, N, r, j, shift, out);
   for (; r < r1; ++r)
-    for (int64_t j = c0; j < c1; ++j) accumulate_column<1, kMasked>(x, N, r, j, shift, out);
+    for (int64_t j = c0; j < c1; ++j) accumulate_column<1, kMasked, false>(x, N, r, j, shift, out);
 }
 
-// One task: rows [r0, r1) of columns [c0, c1), into zeroed partial sums. The clean pass runs
-// first; a block whose sums come out non-finite (it holds a NaN or Inf, or squares overflow
-// float) is redone masked.
+// One task: rows [r0, r1) of columns [c0, c1), written to the chunk's partial sums. The clean
+// pass runs first; a block whose sums come out non-finite (it holds a NaN or Inf, or squares
+// overflow float) is redone masked.
 template <typename scalar_t>
 void accumulate_block(const scalar_t* x, int64_t N, int64_t r0, int64_t r1, int64_t c0,
                       int64_t c1, const double* shift, Sums out) {
@@ -102,18 +141,13 @@ void accumulate_block(const scalar_t* x, int64_t N, int64_t r0, int64_t r1, int6
     std::fill(out.count + c0, out.count + c1, static_cast<double>(r1 - r0));
     return;
   }
-  for (double* row : {out.s1, out.s2, out.count, out.positive}) std::fill(row + c0, row + c1, 0.0);
   accumulate_rows<true>(x, N, r0, r1, c0, c1, shift, out);
 }
 
 // A [B, N, S] tensor is read as B x N contiguous runs of S values, run (b, j) holding column
 // j's rows b * S .. b * S + S - 1. A run is summed in one 32-byte vector of lanes (8 float or
 // 4 double; GCC/Clang vector extensions, a plain loop elsewhere), in tiles of kTile values
-// per lane added to double lanes: the rounding of accumulate_column's 4-row tiles.
-#if defined(__GNUC__)
-template <typename T> struct Lanes { typedef T type __attribute__((vector_size(32))); };
-#endif
-
+// per lane added to double lanes: at most 3 float roundings per term, as accumulate_column's.
 template <bool kMasked, typename scalar_t>
 LRFLUCT_SIMD_CLONES void accumulate_run(const scalar_t* __restrict__ x, int64_t S, double shift,
                                         Sums out, int64_t j) {
@@ -173,6 +207,7 @@ template <typename scalar_t>
 void accumulate_runs(const scalar_t* x, const Layout& at_, int64_t b0, int64_t b1, int64_t c0,
                      int64_t c1, const double* shift, Sums out) {
   const int64_t N = at_.N, S = at_.S;
+  for (double* row : {out.s1, out.s2, out.count, out.positive}) std::fill(row + c0, row + c1, 0.0);
   for (int64_t b = b0; b < b1; ++b)
     for (int64_t j = c0; j < c1; ++j)
       accumulate_run<false>(x + (b * N + j) * S, S, shift[j], out, j);
@@ -313,8 +348,7 @@ void batch_stats_kernel(const scalar_t* x, const Layout& at_, int64_t* counts, d
 
   const Scratch scratch((1 + 4 * row_chunks) * N);
   double* const shift = scratch.data();
-  double* const partial = shift + N;  // [row_chunks][4][N]
-  std::fill(partial, partial + 4 * row_chunks * N, 0.0);
+  double* const partial = shift + N;  // [row_chunks][4][N], each task writes its part whole
   first_finite(x, at_, shift);
 
   at::parallel_for(0, row_chunks * col_blocks, 1, [&](int64_t t0, int64_t t1) {
@@ -332,7 +366,8 @@ void batch_stats_kernel(const scalar_t* x, const Layout& at_, int64_t* counts, d
   at::parallel_for(0, N, R * N < kMinParallelElements ? N : 2048, [&](int64_t j0, int64_t j1) {
     finish_columns(partial, row_chunks, R, N, j0, j1, shift, counts, moments);
     for (int64_t j = j0; j < j1; ++j) {
-      if (std::isfinite(partial[j] + partial[N + j])) continue;  // (a sum that overflows: a needless redo)
+      // (a sum that overflows only in float64 is a needless redo: rare and still right)
+      if (std::isfinite(partial[j] + partial[N + j])) continue;
       scaled_column(x, at_, j, shift[j], double(counts[kCount * N + j]), &moments[kMean * N + j],
                     &moments[kM2 * N + j]);
     }

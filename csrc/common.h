@@ -67,6 +67,12 @@ void register_temporal_update(torch::Library& m);
 void register_accumulate_stats(torch::Library& m);
 
 
+// 32-byte vectors of T (GCC/Clang vector extensions), for loops the compiler does not vectorise
+// by itself; each use keeps a plain loop for other compilers.
+#if defined(__GNUC__)
+template <typename T> struct Lanes { typedef T type __attribute__((vector_size(32))); };
+#endif
+
 // Hot loops are compiled twice, for AVX2 and for baseline x86-64, and picked at load time:
 // fast on current CPUs, still portable. (The loops vectorise only with -fno-trapping-math.)
 #if defined(__GNUC__) && defined(__x86_64__)

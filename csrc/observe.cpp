@@ -79,10 +79,13 @@ struct ObserveBackward : public torch::autograd::Node {
       if (act) merge_batch(o.act_counts, o.act_moments, pending_counts.get(), pending_moments.get());
       if (grad) {
         // read only, under no_grad: no detached alias needed (one TensorImpl less per call)
+        // grown only: a resize down and up again would zero-fill what batch_stats_into writes
         thread_local std::vector<int64_t> counts;
         thread_local std::vector<double> moments;
-        counts.resize(3 * o.neurons);
-        moments.resize(3 * o.neurons);
+        if (counts.size() < size_t(3 * o.neurons)) {
+          counts.resize(3 * o.neurons);
+          moments.resize(3 * o.neurons);
+        }
         batch_stats_into(neuron_view(grads[0], dim), counts.data(), moments.data());
         merge_batch(o.grad_counts, o.grad_moments, counts.data(), moments.data());
       }

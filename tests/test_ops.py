@@ -237,6 +237,27 @@ def test_merge_empty_batch_leaves_state(backend):
     assert torch.equal(counts, before[0]) and torch.equal(moments, before[1])
 
 
+def test_merge_counts_beyond_32_bits(backend):
+    # counts past 2^32 (a long run of a wide layer) enter the weights of the merge exactly
+    na = torch.tensor([2**40 + 3, 2**33 + 1, 7, 0, 2**52 - 1], dtype=torch.int64)
+    counts = torch.stack([na, na // 2, torch.zeros_like(na)])
+    moments = torch.tensor([[0.5, -1.0, 2.0, 0.0, 3.0], [1e9, 2.0, 3.0, 0.0, 4.0],
+                            [10.0, 20.0, 30.0, 40.0, 50.0]], dtype=torch.float64)
+    nb = torch.tensor([5, 2**35, 3, 4, 1], dtype=torch.int64)
+    b_counts = torch.stack([nb, nb, torch.ones_like(nb)])
+    b_moments = torch.tensor([[1.0, 2.0, -3.0, 0.25, 1.0], [5.0, 6.0, 7.0, 8.0, 0.0],
+                              [11.0, 19.0, 30.0, -2.0, 50.0]], dtype=torch.float64)
+    n_a, n_b = na.double(), nb.double()
+    shift = torch.where(na > 0, moments[2], b_moments[2])
+    delta = (b_moments[2] - shift + b_moments[0]) - moments[0]
+    mean = moments[0] + delta * (n_b / (n_a + n_b))
+    m2 = moments[1] + b_moments[1] + delta * delta * (n_a * n_b / (n_a + n_b))
+    want_counts = counts + b_counts
+    call(backend, "merge_stats", counts, moments, b_counts, b_moments)
+    assert torch.equal(counts, want_counts)
+    torch.testing.assert_close(moments, torch.stack([mean, m2, shift]), rtol=1e-15, atol=0)
+
+
 def weight_trajectory(shape, steps, dtype, seed=3):
     """Weights near 0.3 that move ~1e-5 a step: fluctuations 4 orders below the value. Half
     precision cannot hold such moves, so there they are one epsilon of the dtype a step."""
