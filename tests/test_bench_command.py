@@ -4,9 +4,12 @@ import os
 import sys
 
 import pytest
+import torch
+from torch import nn
 
 from lrfluct_fast import cli
 from lrfluct_fast.benchmark import runner
+from lrfluct_fast.benchmark.models import Workload, mse_loss
 
 sys.path.insert(0, os.path.dirname(__file__))  # so "factories:tiny" imports
 
@@ -19,6 +22,33 @@ def test_overhead_pairs_the_steps_of_a_round():
     over = runner.overheads({"none": none, "lrfluct": monitored})
     assert over["none"] == 0
     assert over["lrfluct"] == pytest.approx(0.1)
+
+
+def test_run_length_gives_each_mode_turns_of_consecutive_steps():
+    """--run-length 3: after one warm-up round, each mode trains 3 steps in a row per turn and
+    all but the first of them are timed, until every mode has `steps` timed steps."""
+    trained = []  # the mode of every step, in order
+    made = []     # runner.run makes one workload per mode, in the order of `modes`
+
+    def make(device):
+        mode = ("none", "lrfluct")[len(made)]
+        made.append(mode)
+        model = nn.Linear(3, 2)
+
+        def loss(m, batch):
+            trained.append(mode)
+            return mse_loss(m, batch)
+        return Workload(model, torch.optim.SGD(model.parameters(), lr=0.1),
+                        (torch.randn(4, 3), torch.randn(4, 2)), loss)
+
+    results = runner.run(make, "cpu", ("none", "lrfluct"), steps=5, warmup=1, run_length=3)
+    assert [len(r.times) for r in results.values()] == [5, 5]
+    assert runner.turns_for(5, 3) == 3  # 2 timed steps a turn
+    assert trained == (["none", "lrfluct"]
+                       + ["lrfluct"] * 3 + ["none"] * 3 + ["none"] * 3 + ["lrfluct"] * 3
+                       + ["lrfluct"] * 3 + ["none"] * 3)
+    with pytest.raises(ValueError, match="run_length must be >= 1"):
+        runner.run(make, "cpu", ("none",), steps=1, warmup=0, run_length=0)
 
 
 def test_user_factory_writes_report(tmp_path, capsys):
@@ -63,6 +93,7 @@ def test_lrfluct_variants_split_the_cost(tmp_path):
     (["--model", "factories:wrong"], "must return (model, optimizer, batch"),
     (["--device", "cuda:7"], "CUDA is not available"),
     (["--steps", "0"], "--steps must be >= 1"),
+    (["--run-length", "0"], "--run-length must be >= 1"),
     (["--modes", "telepathy"], "unknown or unavailable modes"),
 ])
 def test_bad_arguments_exit_2(tmp_path, capsys, argv, message):

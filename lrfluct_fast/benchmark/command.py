@@ -34,6 +34,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument("--steps", type=int, default=10, help="timed steps per mode (default 10)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per mode first (default 2)")
+    p.add_argument("--run-length", type=int, default=1,
+                   help="steps each mode runs per turn (default 1: every step starts with caches "
+                        "the other modes evicted); K > 1 times all but a turn's first step, as "
+                        "in a run that trains one model")
     p.add_argument("--modes", nargs="+", default=None,
                    help=f"any of {', '.join(runner.known_modes())} (default: "
                         f"{', '.join(runner.available_modes())}); lrfluct-neuron, lrfluct-no-weights, "
@@ -47,9 +51,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="steps of the memory-against-steps study (with --scaling; default 2000)")
 
 
+def _steps_per_mode(args) -> int:
+    """Steps each mode runs in one runner.run, warm-up included (for the progress bar)."""
+    return args.warmup + runner.turns_for(args.steps, args.run_length) * args.run_length
+
+
 def _check(args) -> list[str]:
     if args.steps < 1 or args.warmup < 0:
         raise UsageError("--steps must be >= 1 and --warmup >= 0")
+    if args.run_length < 1:
+        raise UsageError(f"--run-length must be >= 1, got {args.run_length}")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise UsageError(f"--device {args.device}: CUDA is not available on this machine")
     if args.device not in ("cpu",) and not args.device.startswith("cuda"):
@@ -99,9 +110,10 @@ def _table(results, modes) -> list[str]:
 
 def _run_model(spec, args, modes, raw):
     make = args.factories[spec]
-    bar, tick = _progress((args.steps + args.warmup) * len(modes), f"bench {spec}")
+    bar, tick = _progress(_steps_per_mode(args) * len(modes), f"bench {spec}")
     try:
-        results = runner.run(make, args.device, modes, args.steps, args.warmup, progress=tick)
+        results = runner.run(make, args.device, modes, args.steps, args.warmup, progress=tick,
+                             run_length=args.run_length)
     finally:
         bar.close()
     agree, where = runner.agreement(make, args.device)
@@ -119,7 +131,7 @@ def _run_model(spec, args, modes, raw):
 def _scaling(args, modes, raw):
     lines = ["## Scaling (MLP, Adam; overhead against none)", ""]
     study = {}
-    total = sum(len(v) for v in SCALING.values()) * (args.steps + args.warmup) * len(modes)
+    total = sum(len(v) for v in SCALING.values()) * _steps_per_mode(args) * len(modes)
     bar, tick = _progress(total, "scaling")
     try:
         for axis, shapes in SCALING.items():
@@ -128,7 +140,8 @@ def _scaling(args, modes, raw):
                       "|---|" + "---|" * (len(modes) - 1)]
             for width, depth, batch in shapes:
                 make = partial(models.mlp, width=width, depth=depth, batch=batch)
-                res = runner.run(make, args.device, modes, args.steps, args.warmup, progress=tick)
+                res = runner.run(make, args.device, modes, args.steps, args.warmup, progress=tick,
+                                 run_length=args.run_length)
                 over = runner.overheads(res)
                 study.setdefault(axis, []).append({"width": width, "depth": depth, "batch": batch,
                                                    **{m: over[m] for m in modes}})
@@ -166,7 +179,7 @@ def _real_architecture_row(args, modes, raw) -> list[str]:
         make(args.device)
     except models.FactoryError as e:
         return ["### a real architecture", "", f"skipped: {e}", ""]
-    res = runner.run(make, args.device, modes, args.steps, args.warmup)
+    res = runner.run(make, args.device, modes, args.steps, args.warmup, run_length=args.run_length)
     over = runner.overheads(res)
     raw["scaling_real"] = {"model": "hf:gpt2", **{m: over[m] for m in modes}}
     _, _, cfg, batch, seq = models.HF_PRESETS["gpt2"]
@@ -230,9 +243,15 @@ def run(args) -> int:
               f"{torch.get_num_threads()} threads, torch {torch.__version__})", "",
               f"Command: `lrfluct bench --model {' '.join(args.model)} --device {args.device} "
               f"--steps {args.steps} --warmup {args.warmup}"
+              f"{f' --run-length {args.run_length}' if args.run_length > 1 else ''}"
               f"{' --modes ' + ' '.join(args.modes) if args.modes else ''}"
               f"{' --scaling' if args.scaling else ''}`", "",
-              "Modes run interleaved in one process; overhead = median over rounds of step time / none's in the same round - 1; "
+              "Modes run interleaved in one process, "
+              + ("one step per turn (each step starts with caches the other modes evicted)"
+                 if args.run_length == 1 else
+                 f"{args.run_length} steps per turn, the first untimed (caches as in a run that "
+                 "trains one model)")
+              + "; overhead = median over rounds of step time / none's in the same round - 1; "
               "monitor MB = statistics state held by the monitor (the snapshot's copies for "
               "hook-snapshot).", ""]
     print("\n".join(header))

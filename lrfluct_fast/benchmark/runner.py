@@ -5,8 +5,11 @@ step), hook-streaming and hook-snapshot (lrfluct_fast.baselines), and, when the 
 backpack-for-pytorch is installed, backpack (its Variance extension: per-parameter variance of
 the per-sample gradients, an outside peer that also instruments every layer). On request, lrfluct
 with other options (LRFLUCT_VARIANTS), to split lrfluct's cost. Each mode trains its own
-copy of the same seeded workload; after warm-up, step i of every mode runs back to back (the
-order rotated each round) so drift in the machine's speed hits all modes alike. Reported per
+copy of the same seeded workload; after warm-up, the modes take turns (the order rotated each
+round) so drift in the machine's speed hits all modes alike. A turn is one step by default, so
+every step starts with caches that the other modes' models evicted; with `run_length` K > 1 a
+turn is K steps and its first is untimed, so the timed steps see the caches a training run that
+monitors one model sees (on a small model the two differ by tens of percent). Reported per
 mode: median step time and its spread, overhead against none (paired by round), monitor
 memory and its growth per step. The snapshot's memory grows without bound; past `snapshot_budget` bytes it is
 reset (its growth per step is measured before that), so a long run stays within memory.
@@ -108,33 +111,49 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
+def turns_for(steps: int, run_length: int = 1) -> int:
+    """Turns per mode that give `steps` timed steps (a turn of K > 1 steps times K - 1)."""
+    timed = run_length - 1 if run_length > 1 else 1
+    return -(-steps // timed)
+
+
 def run(make_workload, device, modes=MODES, steps=20, warmup=3, progress=None,
-        snapshot_budget=4 << 30) -> dict[str, ModeResult]:
-    """make_workload(device) -> Workload; returns {mode: ModeResult}."""
+        snapshot_budget=4 << 30, run_length=1) -> dict[str, ModeResult]:
+    """make_workload(device) -> Workload; returns {mode: ModeResult}: `steps` timed steps per
+    mode after `warmup` untimed rounds, in turns of `run_length` steps per mode."""
+    if run_length < 1:
+        raise ValueError(f"run_length must be >= 1, got {run_length}")
     runs = {}
     for mode in modes:
         torch.manual_seed(0)
         w: Workload = make_workload(device)
         runs[mode] = (w, attach(mode, w.model))
     results = {mode: ModeResult() for mode in modes}
+    settle = 1 if run_length > 1 else 0  # a turn's first step refills the caches
 
-    for i in range(warmup + steps):
+    def one_step(mode, timed):
+        w, (monitor, context) = runs[mode]
+        _sync(device)
+        t0 = time.perf_counter()
+        train_step(w, monitor, context)
+        _sync(device)
+        dt = time.perf_counter() - t0
+        if timed:
+            results[mode].times.append(dt)
+            results[mode].memory.append(monitor_bytes(monitor))
+        if mode == "hook-snapshot" and monitor_bytes(monitor) > snapshot_budget:
+            monitor.reset()
+            results[mode].resets += 1
+        if progress:
+            progress(mode)
+
+    turns = turns_for(steps, run_length)
+    for i in range(warmup + turns):
         order = list(modes[i % len(modes):]) + list(modes[:i % len(modes)])
+        length = 1 if i < warmup else run_length
         for mode in order:
-            w, (monitor, context) = runs[mode]
-            _sync(device)
-            t0 = time.perf_counter()
-            train_step(w, monitor, context)
-            _sync(device)
-            dt = time.perf_counter() - t0
-            if i >= warmup:
-                results[mode].times.append(dt)
-                results[mode].memory.append(monitor_bytes(monitor))
-            if mode == "hook-snapshot" and monitor_bytes(monitor) > snapshot_budget:
-                monitor.reset()
-                results[mode].resets += 1
-            if progress:
-                progress(mode)
+            for k in range(length):
+                one_step(mode, i >= warmup and k >= settle and len(results[mode].times) < steps)
     for _, (monitor, _) in runs.values():
         if monitor is not None:
             monitor.remove()
