@@ -1,10 +1,25 @@
 // accumulate_stats on CPU: x's per-neuron statistics merged into a running state, and a pending
 // batch into another, with no tensor between them (lrfluct_fast/ops/accumulate_stats.py).
-#include <memory>
+#include <vector>
 
 #include "common.h"
 
 namespace lrfluct {
+
+// The batch's statistics go through buffers the calling thread keeps and only grows: a resize
+// down and up again would zero-fill what batch_stats_into writes whole.
+void accumulate_into(const at::Tensor& x, int64_t* counts, double* moments) {
+  const int64_t N = x.size(1);
+  thread_local std::vector<int64_t> b_counts;
+  thread_local std::vector<double> b_moments;
+  if (b_counts.size() < size_t(3 * N)) {
+    b_counts.resize(3 * N);
+    b_moments.resize(3 * N);
+  }
+  batch_stats_into(x, b_counts.data(), b_moments.data());
+  merge_into(counts, moments, b_counts.data(), b_moments.data(), N);
+}
+
 namespace {
 
 void accumulate_stats_cpu(const at::Tensor& x, const at::Tensor& counts, const at::Tensor& moments,
@@ -27,12 +42,7 @@ void accumulate_stats_cpu(const at::Tensor& x, const at::Tensor& counts, const a
     check_state("into_counts", *into_counts, {3, N}, {at::kLong}, device);
     check_state("into_moments", *into_moments, {3, N}, {at::kDouble}, device);
   }
-  // not zero-filled: batch_stats_into writes them whole
-  std::unique_ptr<int64_t[]> b_counts(new int64_t[3 * N]);
-  std::unique_ptr<double[]> b_moments(new double[3 * N]);
-  batch_stats_into(x, b_counts.get(), b_moments.get());
-  merge_into(counts.data_ptr<int64_t>(), moments.data_ptr<double>(), b_counts.get(),
-             b_moments.get(), N);
+  accumulate_into(x, counts.data_ptr<int64_t>(), moments.data_ptr<double>());
   if (given == 4) {
     merge_into(into_counts->data_ptr<int64_t>(), into_moments->data_ptr<double>(),
                pending_counts->data_ptr<int64_t>(), pending_moments->data_ptr<double>(), N);

@@ -59,6 +59,8 @@ void check_batch_input(const at::Tensor& x);  // float, [R, N] or [B, N, S], on 
 void batch_stats_into(const at::Tensor& x, int64_t* counts, double* moments);
 void merge_into(int64_t* counts, double* moments, const int64_t* b_counts, const double* b_moments,
                 int64_t N);
+// x's batch statistics merged into a running [3, N] state (accumulate_stats.cpp).
+void accumulate_into(const at::Tensor& x, int64_t* counts, double* moments);
 
 // Each op's file registers its CPU kernel here (called by module.cpp's register_kernels).
 void register_batch_stats(torch::Library& m);

@@ -18,7 +18,6 @@
 #include <c10/core/impl/LocalDispatchKeySet.h>
 
 #include <memory>
-#include <vector>
 
 #include "common.h"
 
@@ -77,18 +76,9 @@ struct ObserveBackward : public torch::autograd::Node {
     const bool grad = o.grad_counts.defined() && grads[0].defined();
     if (o.device.is_cpu()) {
       if (act) merge_batch(o.act_counts, o.act_moments, pending_counts.get(), pending_moments.get());
-      if (grad) {
-        // read only, under no_grad: no detached alias needed (one TensorImpl less per call)
-        // grown only: a resize down and up again would zero-fill what batch_stats_into writes
-        thread_local std::vector<int64_t> counts;
-        thread_local std::vector<double> moments;
-        if (counts.size() < size_t(3 * o.neurons)) {
-          counts.resize(3 * o.neurons);
-          moments.resize(3 * o.neurons);
-        }
-        batch_stats_into(neuron_view(grads[0], dim), counts.data(), moments.data());
-        merge_batch(o.grad_counts, o.grad_moments, counts.data(), moments.data());
-      }
+      if (grad)  // read only, under no_grad: no detached alias needed (one TensorImpl less)
+        accumulate_into(neuron_view(grads[0], dim), o.grad_counts.data_ptr<int64_t>(),
+                        o.grad_moments.data_ptr<double>());
     } else if (grad) {
       static auto accumulate = c10::Dispatcher::singleton()
           .findSchemaOrThrow("lrfluct::accumulate_stats", "")
