@@ -117,30 +117,36 @@ class Monitor:
         return list(self.states.items())
 
     # -- training-step path ---------------------------------------------------------------
-    @torch.no_grad()
     def step(self) -> None:
         """Call after optimizer.step(): records weights and biases (one multi-tensor call)."""
-        self._check_live()
-        if self.steps % self.options["every"] == 0:
-            self._record_weights()
-        self.steps += 1
-        if self._grad_scale is not None:
-            self._commit_scaled_gradients()
-        observe_next = self.steps % self.options["every"] == 0
-        if observe_next != self._sampling:  # every > 1: flips; every == 1: never, no loop
-            self._sampling = observe_next
-            for _, st in self._states():
-                st.sampling = observe_next
-        if self._run is not None:
-            self._run.after_step(self)
-        if self._windows is not None:
-            if self._windows.closes_at(self.steps):
-                self.wait_for_weights()
-            self._windows.after_step(self.steps, self._run.put_window if self._run is not None else None)
-        reads = self._reads
-        reads.training_thread = _thread_id()
-        if reads.pending is not None:  # another thread waits for a step boundary to read at
-            reads.serve(lambda: self._statistics(copy=True))
+        # Grad mode set by hand, not by @torch.no_grad(): the decorator is five Python calls a
+        # step, 7 us of the autoencoder's 2.3 ms step once the step's data evicted their code.
+        grad_enabled = torch.is_grad_enabled()
+        torch.set_grad_enabled(False)
+        try:
+            self._check_live()
+            if self.steps % self.options["every"] == 0:
+                self._record_weights()
+            self.steps += 1
+            if self._grad_scale is not None:
+                self._commit_scaled_gradients()
+            observe_next = self.steps % self.options["every"] == 0
+            if observe_next != self._sampling:  # every > 1: flips; every == 1: never, no loop
+                self._sampling = observe_next
+                for _, st in self._states():
+                    st.sampling = observe_next
+            if self._run is not None:
+                self._run.after_step(self)
+            if self._windows is not None:
+                if self._windows.closes_at(self.steps):
+                    self.wait_for_weights()
+                self._windows.after_step(self.steps, self._run.put_window if self._run is not None else None)
+            reads = self._reads
+            reads.training_thread = _thread_id()
+            if reads.pending is not None:  # another thread waits for a step boundary to read at
+                reads.serve(lambda: self._statistics(copy=True))
+        finally:
+            torch.set_grad_enabled(grad_enabled)
 
     def _record_weights(self) -> None:
         plan = self._plan
