@@ -47,12 +47,6 @@ at::Tensor neuron_view(const at::Tensor& z, int64_t dim) {
   return z.reshape({before, z.size(dim), after});
 }
 
-void merge_batch(const at::Tensor& counts, const at::Tensor& moments, const int64_t* b_counts,
-                 const double* b_moments) {
-  merge_into(counts.data_ptr<int64_t>(), moments.data_ptr<double>(), b_counts, b_moments,
-             counts.size(1));
-}
-
 struct ObserveBackward : public torch::autograd::Node {
   std::shared_ptr<Observer> obs;
   int64_t dim = 0;
@@ -75,7 +69,9 @@ struct ObserveBackward : public torch::autograd::Node {
     const bool act = o.act_counts.defined();
     const bool grad = o.grad_counts.defined() && grads[0].defined();
     if (o.device.is_cpu()) {
-      if (act) merge_batch(o.act_counts, o.act_moments, pending_counts.get(), pending_moments.get());
+      if (act)
+        merge_into(o.act_counts.data_ptr<int64_t>(), o.act_moments.data_ptr<double>(),
+                   pending_counts.get(), pending_moments.get(), o.neurons);
       if (grad)  // read only, under no_grad: no detached alias needed (one TensorImpl less)
         accumulate_into(neuron_view(grads[0], dim), o.grad_counts.data_ptr<int64_t>(),
                         o.grad_moments.data_ptr<double>());

@@ -9,7 +9,8 @@ copy of the same seeded workload; after warm-up, the modes take turns (the order
 round) so drift in the machine's speed hits all modes alike. A turn is one step by default, so
 every step starts with caches that the other modes' models evicted; with `run_length` K > 1 a
 turn is K steps and its first is untimed, so the timed steps see the caches a training run that
-monitors one model sees (on a small model the two differ by tens of percent). Reported per
+monitors one model sees (the paper's autoencoder: about +10% one step per turn, +14% in turns
+of 10; bench/RESULTS.md). Reported per
 mode: median step time and its spread, overhead against none (paired by round), monitor
 memory and its growth per step. The snapshot's memory grows without bound; past `snapshot_budget` bytes it is
 reset (its growth per step is measured before that), so a long run stays within memory.
@@ -111,10 +112,14 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
+def untimed_per_turn(run_length: int) -> int:
+    """A turn of K > 1 steps leaves its first untimed: it refills the caches."""
+    return 1 if run_length > 1 else 0
+
+
 def turns_for(steps: int, run_length: int = 1) -> int:
-    """Turns per mode that give `steps` timed steps (a turn of K > 1 steps times K - 1)."""
-    timed = run_length - 1 if run_length > 1 else 1
-    return -(-steps // timed)
+    """Turns per mode that give `steps` timed steps."""
+    return -(-steps // (run_length - untimed_per_turn(run_length)))
 
 
 def run(make_workload, device, modes=MODES, steps=20, warmup=3, progress=None,
@@ -129,7 +134,7 @@ def run(make_workload, device, modes=MODES, steps=20, warmup=3, progress=None,
         w: Workload = make_workload(device)
         runs[mode] = (w, attach(mode, w.model))
     results = {mode: ModeResult() for mode in modes}
-    settle = 1 if run_length > 1 else 0  # a turn's first step refills the caches
+    settle = untimed_per_turn(run_length)
 
     def one_step(mode, timed):
         w, (monitor, context) = runs[mode]
