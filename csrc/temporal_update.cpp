@@ -293,6 +293,10 @@ void bind_temporal_plan(pybind11::module& m) {
                        const std::vector<at::Tensor>& skipped, const std::vector<at::Tensor>& moments,
                        const std::vector<at::Tensor>& masters, const py::list& watch) {
              auto plan = std::make_unique<TemporalPlan>();
+             // kept pointers: a strided value would be read through a copy made here, once
+             for (size_t i = 0; i < values.size(); ++i)
+               TORCH_CHECK_VALUE(values[i].is_contiguous(), "TemporalPlan: values[", i,
+                                 "] must be contiguous (it is read in place at every run)");
              plan->prepared = prepare(values, tallies, skipped, moments, masters);
              for (py::handle item : watch) {
                const auto t = item.cast<py::tuple>();

@@ -537,12 +537,13 @@ class _StepPlan:
         self.native = None  # the C++ TemporalPlan, where native_plan() gives one
 
     def native_plan(self):
-        """The step in C++, for a plan that only reads CPU parameters in place (nothing
-        computed, no drift): a `_C.TemporalPlan` that keeps the checked lists and makes
-        valid()'s checks itself; None otherwise."""
+        """The step in C++, for a plan that only reads contiguous CPU parameters in place
+        (nothing computed, no drift): a `_C.TemporalPlan` that keeps the checked lists and
+        makes valid()'s checks itself; None otherwise. A strided parameter (a channels_last
+        conv weight) stays with ops.temporal_update, which reads it afresh at every call."""
         if (self.computed or self.drift is not None or not self.values
                 or _backend.cpp_error() is not None
-                or any(v.device.type != "cpu" for v in self.values)):
+                or any(v.device.type != "cpu" or not v.is_contiguous() for v in self.values)):
             return None
         from . import _C
         return _C.TemporalPlan(self.values, *self.temporal,

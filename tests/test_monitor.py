@@ -76,6 +76,21 @@ def test_summary_matches_hook_snapshot(name, opt_kind):
         assert 1.0 <= got_m[layer]["participation_ratio"] <= mon.layers[layer].weight.shape[0]
 
 
+def test_channels_last_weights_are_read_at_every_step():
+    """A parameter that is not contiguous (a conv weight after .to(memory_format=
+    torch.channels_last)) is recorded as it is at each step, not as it was when Monitor.step
+    first listed it."""
+    a, b = (build("cnn").to(memory_format=torch.channels_last) for _ in range(2))
+    assert not a.conv1.weight.is_contiguous()
+    mon, ref = lf.instrument(a), HookSnapshot(b)
+    data = [x.to(memory_format=torch.channels_last) for x in batches("cnn", 4)]
+    train(a, [mon], data, make_opt(a, "adam"))
+    train(b, [ref], data, make_opt(b, "adam"))
+    got = mon.summary()
+    assert (got["conv1"]["weight.temporal_var"] > 0).all()
+    assert_summaries_close(got, ref.summary())
+
+
 def test_parameters_of_modules_without_a_kind_are_tracked_alone():
     class Scale(nn.Module):                   # parameters, but no layer kind
         def __init__(self):
@@ -763,6 +778,18 @@ def test_step_paths_record_the_same_state(monkeypatch):
     assert native.keys() == python.keys()
     for key in native:
         assert torch.equal(native[key].nan_to_num(), python[key].nan_to_num()), key
+
+
+def test_temporal_plan_refuses_a_strided_value():
+    """The C++ plan keeps pointers into its values: a strided one would be a copy made once."""
+    from lrfluct_fast import _backend, ops
+    if _backend.cpp_error() is not None:
+        pytest.skip("the C++ extension is not built")
+    from lrfluct_fast import _C
+    w = torch.randn(4, 3).t()
+    state = [[part] for part in ops.new_state(w)]
+    with pytest.raises(ValueError, match=r"values\[0\] must be contiguous"):
+        _C.TemporalPlan([w], *state, [])
 
 
 def test_step_follows_a_replaced_parameter(step_path):
