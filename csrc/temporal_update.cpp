@@ -10,6 +10,7 @@
 #include <cmath>
 #include <limits>
 #include <mutex>
+#include <vector>
 
 #include "common.h"
 
@@ -254,11 +255,64 @@ void temporal_update_cpu(at::TensorList values, at::TensorList tallies, at::Tens
   update_list(prepare(values, tallies, skipped, moments, masters), flush_every);
 }
 
+// weight_mode="neuron": each neuron's RMS incoming weight, sqrt(mean of w^2 over every axis of
+// w but the neurons' one), as LayerState.weight_observation computes it with torch ops, here
+// in one read of w summed in double (the torch path sums in float32) and rounded once to the
+// float32 the state records. w is contiguous, seen as [before, n, after]; a neuron with no
+// incoming weight has no RMS (0 / 0 = nan, counted as non-finite).
+struct RowRms {
+  at::Tensor w, out;  // out: float32 [n]
+  int64_t before = 1, n = 1, after = 1;
+};
+
+template <typename T>
+LRFLUCT_SIMD_CLONES double sum_of_squares(const T* __restrict__ x, int64_t len) {
+  constexpr int kLanes = 8;  // independent partial sums: the loop vectorises
+  double lanes[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= len; i += kLanes)
+    for (int k = 0; k < kLanes; ++k) {
+      const double v = static_cast<double>(x[i + k]);
+      lanes[k] += v * v;
+    }
+  double total = 0.0;
+  for (; i < len; ++i) total += static_cast<double>(x[i]) * static_cast<double>(x[i]);
+  for (double lane : lanes) total += lane;
+  return total;
+}
+
+template <typename T>
+LRFLUCT_SIMD_CLONES void add_squares(const T* __restrict__ x, double* __restrict__ acc, int64_t len) {
+  for (int64_t j = 0; j < len; ++j) acc[j] += static_cast<double>(x[j]) * static_cast<double>(x[j]);
+}
+
+void row_rms(const RowRms& r) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, r.w.scalar_type(), "row_rms", [&] {
+    const scalar_t* w = r.w.data_ptr<scalar_t>();
+    float* out = r.out.data_ptr<float>();
+    const double fan_in = double(r.before) * double(r.after);
+    const int64_t grain = std::max<int64_t>(1, kChunk / std::max<int64_t>(1, r.before * r.after));
+    at::parallel_for(0, r.n, grain, [&](int64_t j0, int64_t j1) {
+      std::vector<double> acc(j1 - j0, 0.0);
+      for (int64_t b = 0; b < r.before; ++b) {
+        const scalar_t* row = w + (b * r.n + j0) * r.after;
+        if (r.after == 1) {  // neurons along the last axis: a row of them per b
+          add_squares(row, acc.data(), j1 - j0);
+        } else {             // a contiguous run of `after` values per neuron
+          for (int64_t j = 0; j < j1 - j0; ++j) acc[j] += sum_of_squares(row + j * r.after, r.after);
+        }
+      }
+      for (int64_t j = j0; j < j1; ++j) out[j] = static_cast<float>(std::sqrt(acc[j - j0] / fan_in));
+    });
+  });
+}
+
 // Monitor.step's CPU path (lrfluct_fast/monitor.py, _StepPlan.native_plan): a list validated
 // once and kept with the parameters it reads in place. A call checks that each watched module
 // attribute still holds the same parameter with the same storage and dtype (_StepPlan.valid's
-// checks, on raw objects), then updates from the kept pointers: no list of tensors crosses
-// from Python and no tensor is validated again.
+// checks, on raw objects), computes the per-neuron RMS weights into their buffers (the last
+// values of the list), then updates from the kept pointers: no list of tensors crosses from
+// Python and no tensor is validated again.
 struct TemporalPlan {
   struct Watch {
     pybind11::dict owner;  // the module's _parameters
@@ -270,6 +324,7 @@ struct TemporalPlan {
   };
   Prepared prepared;
   std::vector<Watch> watches;
+  std::vector<RowRms> rms;
 
   bool run(int64_t flush_every) {
     for (const Watch& w : watches) {
@@ -278,6 +333,7 @@ struct TemporalPlan {
       if (now != w.param.ptr() || w.tensor.data_ptr() != w.data || w.tensor.scalar_type() != w.dtype)
         return false;
     }
+    for (const RowRms& r : rms) row_rms(r);
     update_list(prepared, flush_every);
     return true;
   }
@@ -291,12 +347,37 @@ void bind_temporal_plan(pybind11::module& m) {
       "temporal_update over a fixed list, validated once (csrc/temporal_update.cpp)")
       .def(py::init([](const std::vector<at::Tensor>& values, const std::vector<at::Tensor>& tallies,
                        const std::vector<at::Tensor>& skipped, const std::vector<at::Tensor>& moments,
-                       const std::vector<at::Tensor>& masters, const py::list& watch) {
+                       const std::vector<at::Tensor>& masters, const py::list& watch,
+                       const py::list& rms) {
              auto plan = std::make_unique<TemporalPlan>();
              // kept pointers: a strided value would be read through a copy made here, once
              for (size_t i = 0; i < values.size(); ++i)
                TORCH_CHECK_VALUE(values[i].is_contiguous(), "TemporalPlan: values[", i,
                                  "] must be contiguous (it is read in place at every run)");
+             TORCH_CHECK_VALUE(rms.size() <= values.size(), "TemporalPlan: ", rms.size(),
+                               " RMS weights for ", values.size(), " values");
+             const size_t first_rms = values.size() - rms.size();
+             for (size_t i = 0; i < rms.size(); ++i) {
+               const auto t = rms[i].cast<py::tuple>();
+               RowRms r;
+               r.w = t[0].cast<at::Tensor>();
+               const int64_t axis = t[1].cast<int64_t>();
+               r.out = t[2].cast<at::Tensor>();
+               const std::string what = "TemporalPlan: rms[" + std::to_string(i) + "]";
+               check_float_input((what + "'s weight").c_str(), r.w);
+               TORCH_CHECK_VALUE(r.w.device().is_cpu() && r.w.is_contiguous() && r.w.dim() >= 1 &&
+                                     axis >= 0 && axis < r.w.dim(),
+                   what, ": needs a contiguous CPU weight of rank >= 1 and a neuron axis in it, "
+                   "got ", r.w.sizes(), " on ", r.w.device(), " and axis ", axis);
+               r.n = r.w.size(axis);
+               for (int64_t d = 0; d < axis; ++d) r.before *= r.w.size(d);
+               for (int64_t d = axis + 1; d < r.w.dim(); ++d) r.after *= r.w.size(d);
+               TORCH_CHECK_VALUE(r.out.is_same(values[first_rms + i]) &&
+                                     r.out.scalar_type() == at::kFloat && r.out.dim() == 1 &&
+                                     r.out.size(0) == r.n,
+                   what, ": its buffer must be values[", first_rms + i, "], float32 [", r.n, "]");
+               plan->rms.push_back(std::move(r));
+             }
              plan->prepared = prepare(values, tallies, skipped, moments, masters);
              for (py::handle item : watch) {
                const auto t = item.cast<py::tuple>();
@@ -308,8 +389,10 @@ void bind_temporal_plan(pybind11::module& m) {
              return plan;
            }),
            py::arg("values"), py::arg("tallies"), py::arg("skipped"), py::arg("moments"),
-           py::arg("masters"), py::arg("watch"),
-           "watch: (module._parameters, name, parameter) per parameter read in place")
+           py::arg("masters"), py::arg("watch"), py::arg("rms") = py::list(),
+           "watch: (module._parameters, name, parameter) per parameter read in place; rms: "
+           "(weight, neuron axis, buffer) per per-neuron RMS weight, whose buffers are the last "
+           "values, in order")
       .def("run", &TemporalPlan::run, py::arg("flush_every"),
            "one temporal_update call; False (nothing updated) when a watched parameter was "
            "replaced, moved or cast");

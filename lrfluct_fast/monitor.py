@@ -199,6 +199,10 @@ class Monitor:
                     plan.read_in_place(m, st.params[role], value, st.temporal_state(role))
                 else:       # parametrized, or the per-neuron RMS: computed each step
                     plan.compute(m, st, role, st.temporal_state(role))
+                    source = (st.rms_source(value) if role == "weight" and role not in st.shards
+                              and isinstance(value, nn.Parameter) else None)
+                    if source is not None:  # a per-neuron RMS the C++ step can take in place
+                        plan.rms_in_place(m, st.params[role], value, *source)
         drifting = [(name, st) for name, st in self.states.items() if drift.has_state(st.buffers)]
         if drifting:
             plan.drift = drift.DriftStep(st for _, st in drifting)
@@ -522,8 +526,9 @@ class _StepPlan:
     biases, the per-neuron RMS), with their states in the same order. It stays valid while
     every watched attribute still holds the same parameter with the same storage (a move or
     cast gives it new storage), so a step costs a few attribute reads per tensor; anything
-    else rebuilds it with every check. On CPU, with every value read in place, the step is
-    one C++ call (`native`, a `_C.TemporalPlan`) that makes those reads itself."""
+    else rebuilds it with every check. On CPU, with every value read in place or the
+    per-neuron RMS of a parameter read in place, the step is one C++ call (`native`, a
+    `_C.TemporalPlan`) that makes those reads itself."""
 
     def __init__(self):
         self.values: list[torch.Tensor] = []
@@ -535,19 +540,24 @@ class _StepPlan:
         self.drift: drift.DriftStep | None = None
         self.drift_values: list[tuple[torch.Tensor | None, nn.Module, LayerState]] = []
         self.native = None  # the C++ TemporalPlan, where native_plan() gives one
+        self.rms: list[tuple[torch.Tensor, int]] = []  # (parameter, neuron axis) per RMS it can take
 
     def native_plan(self):
-        """The step in C++, for a plan that only reads contiguous CPU parameters in place
-        (nothing computed, no drift): a `_C.TemporalPlan` that keeps the checked lists and
-        makes valid()'s checks itself; None otherwise. A strided parameter (a channels_last
-        conv weight) stays with ops.temporal_update, which reads it afresh at every call."""
-        if (self.computed or self.drift is not None or not self.values
+        """The step in C++, for a plan that reads contiguous CPU parameters in place and
+        computes nothing but per-neuron RMS weights of such parameters (no drift): a
+        `_C.TemporalPlan` that keeps the checked lists, makes valid()'s checks itself and
+        computes each RMS into a buffer of its own; None otherwise. A strided parameter (a
+        channels_last conv weight) stays with ops.temporal_update, which reads it afresh at
+        every call."""
+        sources = self.values + [w for w, _ in self.rms]
+        if (len(self.rms) != len(self.computed) or self.drift is not None or not sources
                 or _backend.cpp_error() is not None
-                or any(v.device.type != "cpu" or not v.is_contiguous() for v in self.values)):
+                or any(v.device.type != "cpu" or not v.is_contiguous() for v in sources)):
             return None
         from . import _C
-        return _C.TemporalPlan(self.values, *self.temporal,
-                               [(owner, name, p) for owner, name, p, _, _ in self._watch])
+        rms = [(w, axis, torch.empty(w.shape[axis], dtype=torch.float32)) for w, axis in self.rms]
+        return _C.TemporalPlan(self.values + [out for _, _, out in rms], *self.temporal,
+                               [(owner, name, p) for owner, name, p, _, _ in self._watch], rms)
 
     def watch(self, module: nn.Module, attr: str, p: nn.Parameter) -> None:
         """Keep the plan while module.<attr> is still `p`, with the same storage and dtype."""
@@ -563,6 +573,14 @@ class _StepPlan:
     def compute(self, module: nn.Module, layer: LayerState, role: str, state: list) -> None:
         self.computed.append((module, layer, role))
         self._computed_states.append(state)
+
+    def rms_in_place(self, module: nn.Module, attr: str, p: nn.Parameter, t: torch.Tensor,
+                     axis: int) -> None:
+        """The last computed value is the per-neuron RMS of t (p or a view of it) over every
+        axis but `axis`, which the C++ plan can read in place (LayerState.rms_source); the
+        Python path computes it as before."""
+        self.watch(module, attr, p)
+        self.rms.append((t, axis))
 
     def states(self):
         """(tallies, skipped, moments, masters) lists, in the order step() builds its values."""

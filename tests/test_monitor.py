@@ -570,28 +570,57 @@ def test_tracking_switches_remove_keys():
         assert set(METRIC_KEYS) <= set(metrics)
 
 
-def test_weight_mode_neuron():
-    model = build("cnn", 12)
+class EveryWeightLayout(nn.Module):
+    """One layer of each layout the per-neuron RMS reduces: neurons along axis 1 (a column of
+    the embedding table each), along axis 0 (a run of 6 x 3 conv weights each), one weight per
+    neuron (LayerNorm: the RMS is |w|), and a Linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(11, 6)
+        self.conv = nn.Conv1d(6, 5, 3)
+        self.norm = nn.LayerNorm(5)
+        self.head = nn.Linear(5, 4)
+
+    def forward(self, idx):
+        h = F.relu(self.conv(self.emb(idx).transpose(1, 2))).transpose(1, 2)
+        return self.head(self.norm(h))
+
+
+@pytest.mark.parametrize("name", ["cnn", "layouts", "layouts-bf16"])
+def test_weight_mode_neuron(name, step_path):
+    """Each neuron's RMS incoming weight, recorded every step by either step path, against
+    the same RMS computed in float64 from the weights."""
+    if name == "cnn":
+        model, data = build("cnn", 12), batches("cnn", 3, seed=27)
+    else:
+        torch.manual_seed(12)
+        model = EveryWeightLayout().to(torch.bfloat16 if name.endswith("bf16") else torch.float32)
+        g = torch.Generator().manual_seed(27)
+        data = [torch.randint(0, 11, (4, 7), generator=g) for _ in range(3)]
     mon = lf.instrument(model, weight_mode="neuron")
     rms = {name: [] for name in mon.layers}
     opt = make_opt(model, "adam")
-    for x in batches("cnn", 3, seed=27):
+    for x in data:
         opt.zero_grad()
         loss_of(model(x)).backward()
         opt.step()
         mon.step()
-        for name, m in mon.layers.items():
+        assert (mon._plan.native is not None) == (step_path == "native")
+        for layer, m in mon.layers.items():
             w = m.weight.detach().double()
-            rms[name].append(w.reshape(w.shape[0], -1).square().mean(1).sqrt())
+            w = w.t() if isinstance(m, nn.Embedding) else w  # neurons: the table's columns
+            rms[layer].append(w.reshape(w.shape[0], -1).square().mean(1).sqrt())
     s = mon.summary()
-    for name, m in mon.layers.items():
-        n = m.weight.shape[0]
-        assert "weight.temporal_var" not in s[name]
-        assert s[name]["weight.spread"].shape == (n,)
-        want = torch.stack(rms[name]).std(0, unbiased=False).numpy()
-        np.testing.assert_allclose(s[name]["weight.spread"], want, rtol=1e-3, atol=1e-7,
-                                   err_msg=name)
-    assert np.isfinite(mon.metrics()["conv1"]["spread_of_spread"])
+    for layer, m in mon.layers.items():
+        n = rms[layer][0].shape[0]
+        assert "weight.temporal_var" not in s[layer]
+        assert s[layer]["weight.spread"].shape == (n,)
+        want = torch.stack(rms[layer]).std(0, unbiased=False).numpy()
+        assert (want > 0).all()
+        np.testing.assert_allclose(s[layer]["weight.spread"], want, rtol=1e-3, atol=1e-7,
+                                   err_msg=layer)
+        assert np.isfinite(mon.metrics()[layer]["spread_of_spread"])
 
 
 BAD_OPTIONS = [  # (option, value, error): every option of instrument, each kind of mistake
@@ -780,16 +809,24 @@ def test_step_paths_record_the_same_state(monkeypatch):
         assert torch.equal(native[key].nan_to_num(), python[key].nan_to_num()), key
 
 
-def test_temporal_plan_refuses_a_strided_value():
-    """The C++ plan keeps pointers into its values: a strided one would be a copy made once."""
+def test_temporal_plan_refuses_bad_inputs():
+    """The C++ plan keeps pointers into its values and RMS weights: a strided one would be a
+    copy made once; an RMS needs a neuron axis of its weight and its own float32 buffer."""
     from lrfluct_fast import _backend, ops
     if _backend.cpp_error() is not None:
         pytest.skip("the C++ extension is not built")
     from lrfluct_fast import _C
-    w = torch.randn(4, 3).t()
-    state = [[part] for part in ops.new_state(w)]
-    with pytest.raises(ValueError, match=r"values\[0\] must be contiguous"):
-        _C.TemporalPlan([w], *state, [])
+    w, out = torch.randn(4, 3), torch.empty(4)
+    state = [[part] for part in ops.new_state(out)]
+    bad = [([w.t()], [], r"values\[0\] must be contiguous"),
+           ([out], [(w, 2, out)], r"rms\[0\]: needs .* a neuron axis in it, got \[4, 3\] .* axis 2"),
+           ([out], [(w.t(), 1, out)], r"rms\[0\]: needs a contiguous CPU weight"),
+           ([out], [(w, 1, out)], r"rms\[0\]: its buffer must be values\[0\], float32 \[3\]"),
+           ([out], [(w, 0, torch.empty(4))], r"its buffer must be values\[0\]"),
+           ([out], [(w.long(), 0, out)], r"rms\[0\]'s weight")]
+    for values, rms, error in bad:
+        with pytest.raises((ValueError, TypeError), match=error):
+            _C.TemporalPlan(values, *([part[0]] * len(values) for part in state), [], rms)
 
 
 def test_step_follows_a_replaced_parameter(step_path):

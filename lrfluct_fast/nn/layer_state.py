@@ -300,7 +300,7 @@ class LayerState:
         # weight-sized temporary: 2.1x slower on 4 x 2048x2048).
         # A neuron with no incoming weight has no RMS: 0 / 0 = nan, counted as non-finite.
         if self.kind.weight_rows is None:  # neurons along one axis: reduce the others in place
-            axis = self.kind.weight[1] % w.dim()
+            axis = self.neuron_axis(w.dim())
             others = [d for d in range(w.dim()) if d != axis]
             fan_in = math.prod(w.shape[d] for d in others)
             if not others:
@@ -310,6 +310,26 @@ class LayerState:
             return torch.linalg.vector_norm(w, dim=others, dtype=torch.float32).div_(math.sqrt(fan_in))
         rows = self.weight_rows(w)
         return torch.linalg.vector_norm(rows, dim=1, dtype=torch.float32).div_(math.sqrt(rows.shape[1]))
+
+    def neuron_axis(self, ndim: int) -> int:
+        """The axis of a weight of rank `ndim` that holds the neurons, for a kind without
+        weight_rows (the RMS reduces every other axis)."""
+        return self.kind.weight[1] % ndim
+
+    def rms_source(self, weight: torch.Tensor) -> tuple[torch.Tensor, int] | None:
+        """(t, axis): weight_observation's per-neuron RMS is that of t over every axis but
+        `axis`, and t is the weight or a contiguous view of it, so the C++ step can read it
+        in place (monitor._StepPlan). None in element mode, for neurons split between ranks
+        and for rows the kind computes as a copy."""
+        if self.weight_mode != "neuron" or self.neurons_split:
+            return None
+        w = weight.detach()
+        if self.kind.weight_rows is None:
+            return w, self.neuron_axis(w.dim())
+        rows = self.weight_rows(w)  # a norm's [N, 1]: a view
+        if rows.is_contiguous() and rows.data_ptr() == w.data_ptr() and rows.numel() == w.numel():
+            return rows, 0
+        return None
 
     def local_value(self, role: str, value: torch.Tensor) -> torch.Tensor:
         """What this rank records of its weight or bias `value` as read from the module: the
