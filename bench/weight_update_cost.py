@@ -8,7 +8,9 @@ adds over four float32 arrays of as many elements. Measured, medians:
 - warm: the update called twice in a row, the second timed; the sweep likewise;
 - cold: right after a 64 MiB sweep that evicts the caches;
 - in training: Monitor.step right after the Adam step of the autoencoder, against the sweep
-  in the same place on alternate steps (the sweep's arrays are as cold as the state).
+  in the same place on alternate steps (the sweep's arrays are as cold as the state);
+- the same in weight_mode="neuron", whose step reads each weight once (4 bytes per float32
+  weight) for the per-neuron RMS: against a sum over as many float32 values.
 Prints a markdown table; every number is measured in this run.
 """
 from __future__ import annotations
@@ -60,13 +62,20 @@ def isolated(steps=300):
     return {k: _median_us(v) for k, v in times.items()}, n
 
 
-def in_training(steps=600):
+def in_training(weight_mode="element", steps=600):
     """(Monitor.step, sweep) in us right after the autoencoder's Adam step."""
     torch.manual_seed(0)
     w = models.autoencoder("cpu")
-    mon = lf.instrument(w.model)
+    mon = lf.instrument(w.model, weight_mode=weight_mode)
     n = sum(p.numel() for p in w.model.parameters())
     a, b, c, d = (torch.randn(n) for _ in range(4))
+
+    def sweep():
+        if weight_mode == "neuron":
+            a.sum()
+        else:
+            c.add_(a)
+            d.add_(b)
     times = {"Monitor.step": [], "sweep": []}
     clock = time.perf_counter
     for i in range(steps):
@@ -78,8 +87,7 @@ def in_training(steps=600):
             mon.step()
             times["Monitor.step"].append(clock() - t0)
         else:
-            c.add_(a)
-            d.add_(b)
+            sweep()
             times["sweep"].append(clock() - t0)
             mon.step()
     return {k: _median_us(v) for k, v in times.items()}
@@ -92,6 +100,7 @@ def main():
     torch.set_num_threads(args.threads)
     iso, n = isolated()
     train = in_training()
+    neuron = in_training("neuron")
     mb = 24 * n / 1e6
     print(f"backend {lf.backend('cpu')}, torch {torch.__version__}, {args.threads} thread(s); "
           f"the autoencoder's {n} weights and biases, {mb:.1f} MB moved per update\n")
@@ -102,6 +111,11 @@ def main():
         print(f"| {where}, alone | {u:.0f} us ({mb / u * 1e3:.0f} GB/s) | {s:.0f} us | {u / s:.2f} |")
     u, s = train["Monitor.step"], train["sweep"]
     print(f"| after the Adam step (Monitor.step) | {u:.0f} us | {s:.0f} us | {u / s:.2f} |")
+    u, s = neuron["Monitor.step"], neuron["sweep"]
+    print(f"\nweight_mode=\"neuron\": one read of each weight, {4 * n / 1e6:.1f} MB\n")
+    print("| where | Monitor.step | 4-byte sum (floor) | step / floor |")
+    print("|---|---|---|---|")
+    print(f"| after the Adam step | {u:.0f} us ({4 * n / u / 1e3:.0f} GB/s) | {s:.0f} us | {u / s:.2f} |")
 
 
 if __name__ == "__main__":
