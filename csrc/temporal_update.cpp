@@ -267,7 +267,7 @@ struct RowRms {
 
 template <typename T>
 LRFLUCT_SIMD_CLONES double sum_of_squares(const T* __restrict__ x, int64_t len) {
-  constexpr int kLanes = 8;  // independent partial sums: the loop vectorises
+  constexpr int kLanes = 16;  // independent partial sums: the loop vectorises, 4 FMA chains
   double lanes[kLanes] = {};
   int64_t i = 0;
   for (; i + kLanes <= len; i += kLanes)
@@ -286,23 +286,43 @@ LRFLUCT_SIMD_CLONES void add_squares(const T* __restrict__ x, double* __restrict
   for (int64_t j = 0; j < len; ++j) acc[j] += static_cast<double>(x[j]) * static_cast<double>(x[j]);
 }
 
+// Most row chunks a weight with its neurons along the last axis is cut into: a fixed cut (not
+// one per thread), so the sums are the same bits whatever the thread count.
+constexpr int64_t kRmsChunks = 16;
+
 void row_rms(const RowRms& r) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, r.w.scalar_type(), "row_rms", [&] {
     const scalar_t* w = r.w.data_ptr<scalar_t>();
     float* out = r.out.data_ptr<float>();
     const double fan_in = double(r.before) * double(r.after);
+    const auto finish = [&](int64_t j, double sum) {
+      out[j] = static_cast<float>(std::sqrt(sum / fan_in));
+    };
+    if (r.after == 1) {  // neurons along the last axis (an embedding table's columns): rows
+      // of n streamed into n double sums per chunk of rows, the chunks added in order
+      const int64_t chunks = std::clamp<int64_t>(r.before * r.n / kChunk, 1, kRmsChunks);
+      const int64_t rows = (r.before + chunks - 1) / chunks;
+      std::vector<double> partial(chunks * r.n, 0.0);
+      at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+        for (int64_t c = c0; c < c1; ++c)
+          for (int64_t b = c * rows; b < std::min(r.before, (c + 1) * rows); ++b)
+            add_squares(w + b * r.n, partial.data() + c * r.n, r.n);
+      });
+      for (int64_t j = 0; j < r.n; ++j) {
+        double sum = 0.0;
+        for (int64_t c = 0; c < chunks; ++c) sum += partial[c * r.n + j];
+        finish(j, sum);
+      }
+      return;
+    }
+    // a contiguous run of `after` values per neuron and b (a Linear's rows): neurons split
     const int64_t grain = std::max<int64_t>(1, kChunk / std::max<int64_t>(1, r.before * r.after));
     at::parallel_for(0, r.n, grain, [&](int64_t j0, int64_t j1) {
-      std::vector<double> acc(j1 - j0, 0.0);
-      for (int64_t b = 0; b < r.before; ++b) {
-        const scalar_t* row = w + (b * r.n + j0) * r.after;
-        if (r.after == 1) {  // neurons along the last axis: a row of them per b
-          add_squares(row, acc.data(), j1 - j0);
-        } else {             // a contiguous run of `after` values per neuron
-          for (int64_t j = 0; j < j1 - j0; ++j) acc[j] += sum_of_squares(row + j * r.after, r.after);
-        }
+      for (int64_t j = j0; j < j1; ++j) {
+        double sum = 0.0;
+        for (int64_t b = 0; b < r.before; ++b) sum += sum_of_squares(w + (b * r.n + j) * r.after, r.after);
+        finish(j, sum);
       }
-      for (int64_t j = j0; j < j1; ++j) out[j] = static_cast<float>(std::sqrt(acc[j - j0] / fan_in));
     });
   });
 }

@@ -7,6 +7,7 @@ optimizer, then compare every summary key of every layer.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import io
 import re
@@ -827,6 +828,53 @@ def test_temporal_plan_refuses_bad_inputs():
     for values, rms, error in bad:
         with pytest.raises((ValueError, TypeError), match=error):
             _C.TemporalPlan(values, *([part[0]] * len(values) for part in state), [], rms)
+
+
+RMS_CASES = [((37, 300), 0),     # a Linear's rows
+             ((600, 300), 0),    # rows split between threads
+             ((300, 37), 1),     # an embedding table's columns
+             ((1100, 130), 1),   # columns over several row chunks
+             ((5, 7, 11), 1),    # neurons in the middle
+             ((9,), 0),          # one weight per neuron: |w|
+             ((0, 5), 1)]        # no incoming weight: nan
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_temporal_plan_rms_against_float64(dtype):
+    """The C++ plan's per-neuron RMS weights against float64 on every layout, with a large
+    offset and non-finite weights, and the same bits at one thread and two."""
+    from lrfluct_fast import _backend, ops
+    if _backend.cpp_error() is not None:
+        pytest.skip("the C++ extension is not built")
+    from lrfluct_fast import _C
+    g = torch.Generator().manual_seed(5)
+    for shape, axis in RMS_CASES:
+        w = (torch.randn(shape, generator=g, dtype=torch.float64) + 300).to(dtype)
+        if w.numel() > 40:
+            w.view(-1)[[3, 17]] = torch.tensor([float("nan"), float("inf")], dtype=dtype)
+        got = []
+        for threads in (1, 2):
+            out = torch.empty(shape[axis])
+            plan = _C.TemporalPlan([out], *([p] for p in ops.new_state(out)), [], [(w, axis, out)])
+            with _threads(threads):
+                plan.run(ops.FLUSH_EVERY)
+            got.append(out)
+        rows = w.double().movedim(axis, 0).reshape(shape[axis], -1)
+        want = rows.square().mean(1).sqrt().float()
+        torch.testing.assert_close(got[0], want, rtol=2.4e-7, atol=0, equal_nan=True,
+                                   msg=lambda m: f"{shape} axis {axis}: {m}")
+        assert torch.equal(got[0].nan_to_num(), got[1].nan_to_num()), (shape, axis)
+        assert got[0].isnan().equal(want.isnan()), (shape, axis)
+
+
+@contextlib.contextmanager
+def _threads(n):
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_step_follows_a_replaced_parameter(step_path):
