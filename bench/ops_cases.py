@@ -13,7 +13,7 @@ from lrfluct_fast import ops
 SHAPES = [(1024, 1024), (4096, 4096), (4096, 8192)]
 BACKENDS = ["cpp", "torch", "reference"]       # on CPU tensors
 CUDA_BACKENDS = ["triton", "torch"]            # on CUDA tensors
-OPS = ["accumulate_stats", "temporal_update", "copy"]
+OPS = ["accumulate_stats", "temporal_update", "neuron_rms", "copy"]
 
 
 def _stats_state(n):
@@ -44,4 +44,21 @@ def make_case(op: str, backend: str, shape, dtype=torch.float32, device="cpu"):
         # after the first call (warm-up), on finite values: read the value and the float32 shift,
         # read and write the float32 mean and M2 (ops/temporal_update.py)
         return (lambda: update([x], *([t] for t in state))), numel * (es + 4 + 2 * 2 * 4)
+    if op == "neuron_rms":
+        # weight_mode="neuron"'s step on a [out, in] weight: each row's RMS, then the temporal
+        # update of those `out` values; one read of the weight. "cpp": the C++ step plan.
+        if backend == "reference":
+            return None
+        rms = torch.empty(shape[0], device=device)
+        state = [[t] for t in ops.new_state(rms)]
+        if backend == "cpp":
+            from lrfluct_fast import _C
+            plan = _C.TemporalPlan([rms], *state, [], [(x, 0, rms)])
+            return (lambda: plan.run(ops.FLUSH_EVERY)), numel * es
+        update = ops.temporal_update_torch if backend == "torch" else ops.temporal_update
+
+        def torch_ops():  # LayerState.weight_observation's ops, then the update
+            update([torch.linalg.vector_norm(x, dim=1, dtype=torch.float32).div_(shape[1] ** 0.5)],
+                   *state)
+        return torch_ops, numel * es
     raise ValueError(op)

@@ -15,7 +15,7 @@ import time
 import torch
 
 import lrfluct_fast as lf
-from ops_cases import BACKENDS, CUDA_BACKENDS, SHAPES, make_case
+from ops_cases import BACKENDS, CUDA_BACKENDS, OPS, SHAPES, make_case
 
 
 def time_interleaved(cases: dict, repeats: int, device: str) -> dict:
@@ -51,7 +51,7 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|")
     for shape in shapes:
         big = shape[0] * shape[1] > 2**22
-        for op in ["accumulate_stats", "temporal_update"]:
+        for op in [op for op in OPS if op != "copy"]:
             cases = {"copy": make_case("copy", "cpp", shape, dtype, args.device)}
             for backend in (CUDA_BACKENDS if args.device == "cuda" else BACKENDS):
                 if backend in ("cpp", "triton") and lf.backend(args.device) != backend:
