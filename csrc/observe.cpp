@@ -1,20 +1,25 @@
-// Observer: a wrapped layer's eager observation path, with its autograd node in C++.
+// Observer: a wrapped layer's eager observation path, in C++.
 //
 // LayerState (lrfluct_fast/nn/layer_state.py) holds one Observer per layer whose neurons are
-// one dim of its output. `observe(z)` returns z itself when this forward is not a training
-// observation it can take (not observing, grad mode off, z needs no gradient, another device,
-// dtype, rank or width, a torch.func transform, a forward-mode dual): the Python path then
-// decides, explains or raises. Otherwise it computes z's activation statistics, keeps them on
-// a new node, and returns a detached alias of z whose grad_fn is that node. The node's backward
-// passes dL/dz through unchanged and, while the layer is live (not paused), merges the pending
-// activation statistics and dL/dz's statistics into the running state. On CPU both are the
-// kernels called directly on raw buffers (no dispatcher, no tensor between them); on other
-// devices the dispatched ops (batch_stats forward, accumulate_stats backward: two launches
-// each on a GPU). Same counting rule and results as nn/observe.py's Python function, which
-// stays the path under torch.compile, for column blocks (attention) and with a GradScaler.
+// one dim of its output. `observe(z)` returns False when this forward is not a training
+// observation it can take (not observing, grad mode off, z needs no gradient or has no grad_fn,
+// another device, dtype, rank or width, a torch.func transform, a forward-mode dual): the
+// Python path then decides, explains or raises. Otherwise it computes z's activation
+// statistics, keeps them on a pre-hook of z's own autograd node (the one that made z) and
+// returns True: the layer's output is z itself, in the plain model's graph, with no node and
+// no tensor added. When a backward runs that node, the hook sees the gradients it is given
+// (dL/dz after any hook on z) and, while the layer is live (not paused), merges the pending
+// activation statistics and dL/dz's statistics into the running state, handing them on
+// unchanged. A node pre-hook runs only when its node runs, as the node this path used to add
+// did: torch.autograd.grad(loss, z) alone, which stops at z, counts nothing. On CPU both are the kernels called
+// directly on raw buffers (no dispatcher, no tensor between them); on other devices the
+// dispatched ops (batch_stats forward, accumulate_stats backward: two launches each on a
+// GPU). Same counting rule and results as nn/observe.py's Python function, which stays the
+// path under torch.compile, for column blocks (attention) and with a GradScaler; the float64
+// reference (baselines.py) hooks the same node the same way.
 #include <torch/extension.h>
 #include <torch/csrc/autograd/function.h>
-#include <torch/csrc/autograd/functions/utils.h>
+#include <torch/csrc/autograd/function_hook.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 
 #include <memory>
@@ -47,33 +52,29 @@ at::Tensor neuron_view(const at::Tensor& z, int64_t dim) {
   return z.reshape({before, z.size(dim), after});
 }
 
-struct ObserveBackward : public torch::autograd::Node {
+struct ObserveHook : public torch::autograd::FunctionPreHook {
   std::shared_ptr<Observer> obs;
   int64_t dim = 0;
+  size_t index = 0;  // z's output_nr: its gradient's place among the node's inputs
   // this forward's activation statistics: raw on CPU, tensors elsewhere
   std::unique_ptr<int64_t[]> pending_counts;  // [3, N], written whole by batch_stats_into
   std::unique_ptr<double[]> pending_moments;
   at::Tensor pending_counts_t, pending_moments_t;
 
-  std::string name() const override { return "ObserveBackward"; }
-
-  void release_variables() override {
-    pending_counts_t.reset();
-    pending_moments_t.reset();
-  }
-
-  variable_list apply(variable_list&& grads) override {
+  variable_list operator()(const variable_list& grads) override {
     const Observer& o = *obs;
-    if (!o.live) return {grads[0]};
+    // no dL/dz: this backward did not reach z (another output of the node), nothing counts
+    if (!o.live || index >= grads.size() || !grads[index].defined()) return grads;
+    const at::Tensor& grad_z = grads[index];
     at::NoGradGuard no_grad;  // statistics only: nothing here is part of a graph
     const bool act = o.act_counts.defined();
-    const bool grad = o.grad_counts.defined() && grads[0].defined();
+    const bool grad = o.grad_counts.defined();
     if (o.device.is_cpu()) {
       if (act)
         merge_into(o.act_counts.data_ptr<int64_t>(), o.act_moments.data_ptr<double>(),
                    pending_counts.get(), pending_moments.get(), o.neurons);
       if (grad)  // read only, under no_grad: no detached alias needed (one TensorImpl less)
-        accumulate_into(neuron_view(grads[0], dim), o.grad_counts.data_ptr<int64_t>(),
+        accumulate_into(neuron_view(grad_z, dim), o.grad_counts.data_ptr<int64_t>(),
                         o.grad_moments.data_ptr<double>());
     } else if (grad) {
       static auto accumulate = c10::Dispatcher::singleton()
@@ -84,7 +85,7 @@ struct ObserveBackward : public torch::autograd::Node {
       const auto opt = [act](const at::Tensor& t) {
         return act ? c10::optional<at::Tensor>(t) : c10::nullopt;
       };
-      accumulate.call(neuron_view(grads[0].detach(), dim), o.grad_counts, o.grad_moments,
+      accumulate.call(neuron_view(grad_z.detach(), dim), o.grad_counts, o.grad_moments,
                       opt(pending_counts_t), opt(pending_moments_t), opt(o.act_counts),
                       opt(o.act_moments));
     } else if (act) {
@@ -93,7 +94,7 @@ struct ObserveBackward : public torch::autograd::Node {
           .typed<void(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&)>();
       merge.call(o.act_counts, o.act_moments, pending_counts_t, pending_moments_t);
     }
-    return {grads[0]};
+    return grads;
   }
 };
 
@@ -103,50 +104,41 @@ bool in_functorch_transform() {
       c10::DispatchKey::FuncTorchDynamicLayerFrontMode);
 }
 
-// Nodes are held by shared_ptr up to torch 2.12 and by intrusive_ptr after.
-template <typename T, typename Ptr = decltype(torch::autograd::Edge().function)>
-auto make_node() {
-  if constexpr (std::is_same_v<Ptr, std::shared_ptr<torch::autograd::Node>>) {
-    return std::make_shared<T>();
-  } else {
-    return c10::make_intrusive<T>();
-  }
-}
-
 bool has_forward_grad(const at::Tensor& z) {
   const auto* meta = torch::autograd::impl::get_autograd_meta(z);
   return meta != nullptr && meta->fw_grad_ && !meta->fw_grad_->empty();
 }
 
-at::Tensor observe(const std::shared_ptr<Observer>& obs, const at::Tensor& z) {
+bool observe(const std::shared_ptr<Observer>& obs, const at::Tensor& z) {
   const Observer& o = *obs;
   if (!o.observing || !at::GradMode::is_enabled() || !z.requires_grad() || z.dim() != o.ndim ||
       z.device() != o.device || z.size(o.dim) != o.neurons ||
       (z.scalar_type() == at::kDouble) != o.wide || !is_float_input(z.scalar_type()) ||
       in_functorch_transform() || has_forward_grad(z)) {
-    return z;  // the Python path decides
+    return false;  // the Python path decides
   }
-  auto node = make_node<ObserveBackward>();
-  node->obs = obs;
-  node->dim = o.dim;
+  const auto node = z.grad_fn();
+  if (!node) return false;  // a leaf: the Python path gives it a node of its own
+  auto hook = std::make_unique<ObserveHook>();
+  hook->obs = obs;
+  hook->dim = o.dim;
+  hook->index = z.output_nr();
   if (o.act_counts.defined()) {
     at::NoGradGuard no_grad;
     const at::Tensor rows = neuron_view(z, o.dim);  // read only, under no_grad
     if (o.device.is_cpu()) {
-      node->pending_counts.reset(new int64_t[3 * o.neurons]);  // not zeroed: all written below
-      node->pending_moments.reset(new double[3 * o.neurons]);
-      batch_stats_into(rows, node->pending_counts.get(), node->pending_moments.get());
+      hook->pending_counts.reset(new int64_t[3 * o.neurons]);  // not zeroed: all written below
+      hook->pending_moments.reset(new double[3 * o.neurons]);
+      batch_stats_into(rows, hook->pending_counts.get(), hook->pending_moments.get());
     } else {
       static auto batch_stats = c10::Dispatcher::singleton()
           .findSchemaOrThrow("lrfluct::batch_stats", "")
           .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&)>();
-      std::tie(node->pending_counts_t, node->pending_moments_t) = batch_stats.call(rows);
+      std::tie(hook->pending_counts_t, hook->pending_moments_t) = batch_stats.call(rows);
     }
   }
-  node->set_next_edges(torch::autograd::collect_next_edges(z));
-  at::Tensor out = z.detach();  // a new tensor: in-place ops after the layer stay allowed
-  torch::autograd::set_history(out, node);
-  return out;
+  node->add_pre_hook(std::move(hook));
+  return true;
 }
 
 }  // namespace
@@ -169,7 +161,8 @@ void bind_observer(pybind11::module& m) {
            py::arg("neurons"), py::arg("device"), py::arg("wide"), py::arg("act_counts"),
            py::arg("act_moments"), py::arg("grad_counts"), py::arg("grad_moments"))
       .def("observe", &observe, py::arg("z"),
-           "z observed (a new tensor), or z itself when the Python path must decide")
+           "True: z is observed (its statistics wait on a hook of z's node); False: the Python "
+           "path must decide")
       .def("set_layout", [](Observer& o, int64_t ndim, int64_t dim) { o.ndim = ndim; o.dim = dim; },
            "outputs of rank `ndim` hold the neurons in dim `dim` (0 <= dim < ndim)")
       .def_readwrite("observing", &Observer::observing)

@@ -570,9 +570,11 @@ def test_cpp_observer_and_python_function_record_the_same():
             for st in mon.states.values():
                 st.observer = None
         out = wrapped(make_input("convs", seed=37))
-        assert out.grad_fn.name() == "ObserveBackward"
-        python_node = isinstance(out.grad_fn, torch.autograd.function.BackwardCFunction)
-        assert python_node == (path == "python")
+        if path == "cpp":  # no node added: the statistics wait on a hook of the layer's own
+            assert out.grad_fn.name() == plain(make_input("convs", seed=37)).grad_fn.name()
+        else:
+            assert out.grad_fn.name() == "ObserveBackward"
+            assert isinstance(out.grad_fn, torch.autograd.function.BackwardCFunction)
         loss_of(out).backward()
         loss = loss_of(wrapped(make_input("convs", seed=38)))
         with mon.paused():

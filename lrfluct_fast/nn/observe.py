@@ -11,9 +11,10 @@ z passes through Observe:
                statistics and the statistics of dL/dz (one extra read of dL/dz)
 
 In eager mode, with the C++ extension built, the wrapper calls the layer's C++ Observer instead
-(csrc/observe.cpp): the same function with its autograd node in C++, so a layer's fixed cost is
-not the interpreter's. This Python function is the path under torch.compile, for a column
-block of neurons (attention) and with a GradScaler. Its backward is one accumulate_stats op:
+(csrc/observe.cpp): the same statistics and counting, kept on a pre-hook of the node that made
+z rather than on a node of their own, so the layer's output is z itself and a layer's fixed
+cost is not the interpreter's. This Python function is the path under torch.compile, for a
+column block of neurons (attention), for a leaf z and with a GradScaler. Its backward is one accumulate_stats op:
 dL/dz's statistics and the pending activation ones merged in one pass (two launches on a GPU).
 
 Counting rule: every backward that reaches a forward's node counts that forward once more,
