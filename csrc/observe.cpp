@@ -1,13 +1,13 @@
 // Observer: a wrapped layer's eager observation path, in C++.
 //
 // LayerState (lrfluct_fast/nn/layer_state.py) holds one Observer per layer whose neurons are
-// one dim of its output. `observe(z)` returns False when this forward is not a training
+// one dim of its output. `observe(z)` declines when this forward is not a training
 // observation it can take (not observing, grad mode off, z needs no gradient or has no grad_fn,
-// another device, dtype, rank or width, a torch.func transform, a forward-mode dual): the
-// Python path then decides, explains or raises. Otherwise it computes z's activation
+// another device, dtype, rank or width, a torch.func transform, a forward-mode dual): returns
+// None, and the Python path decides, explains or raises. Otherwise it computes z's activation
 // statistics, keeps them on a pre-hook of z's own autograd node (the one that made z) and
-// returns True: the layer's output is z itself, in the plain model's graph, with no node and
-// no tensor added. When a backward runs that node, the hook sees the gradients it is given
+// returns the layer's output: z itself, in the plain model's graph, with no node and no tensor
+// added (an alias on z's own gradient edge where z is a view: see below). When a backward runs that node, the hook sees the gradients it is given
 // (dL/dz after any hook on z) and, while the layer is live (not paused), merges the pending
 // activation statistics and dL/dz's statistics into the running state, handing them on
 // unchanged. A node pre-hook runs only when its node runs, as the node this path used to add
@@ -109,16 +109,16 @@ bool has_forward_grad(const at::Tensor& z) {
   return meta != nullptr && meta->fw_grad_ && !meta->fw_grad_->empty();
 }
 
-bool observe(const std::shared_ptr<Observer>& obs, const at::Tensor& z) {
+c10::optional<at::Tensor> observe(const std::shared_ptr<Observer>& obs, const at::Tensor& z) {
   const Observer& o = *obs;
   if (!o.observing || !at::GradMode::is_enabled() || !z.requires_grad() || z.dim() != o.ndim ||
       z.device() != o.device || z.size(o.dim) != o.neurons ||
       (z.scalar_type() == at::kDouble) != o.wide || !is_float_input(z.scalar_type()) ||
       in_functorch_transform() || has_forward_grad(z)) {
-    return false;  // the Python path decides
+    return c10::nullopt;  // the Python path decides
   }
   const auto node = z.grad_fn();
-  if (!node) return false;  // a leaf: the Python path gives it a node of its own
+  if (!node) return c10::nullopt;  // a leaf: the Python path gives it a node of its own
   auto hook = std::make_unique<ObserveHook>();
   hook->obs = obs;
   hook->dim = o.dim;
@@ -138,7 +138,13 @@ bool observe(const std::shared_ptr<Observer>& obs, const at::Tensor& z) {
     }
   }
   node->add_pre_hook(std::move(hook));
-  return true;
+  if (!z.is_view()) return z;
+  // An in-place op on a view (ReLU(inplace=True) after a Linear on [B, T, d], whose output is a
+  // view) rewrites its base's history, and the view's node would never run: the layer hands out
+  // an alias whose gradient edge is z's own instead, and in-place ops rebase the alias.
+  at::Tensor out = z.detach();
+  torch::autograd::impl::set_gradient_edge(out, torch::autograd::impl::gradient_edge(z));
+  return out;
 }
 
 }  // namespace
@@ -161,8 +167,8 @@ void bind_observer(pybind11::module& m) {
            py::arg("neurons"), py::arg("device"), py::arg("wide"), py::arg("act_counts"),
            py::arg("act_moments"), py::arg("grad_counts"), py::arg("grad_moments"))
       .def("observe", &observe, py::arg("z"),
-           "True: z is observed (its statistics wait on a hook of z's node); False: the Python "
-           "path must decide")
+           "the layer's output, observed (its statistics wait on a pre-hook of z's node): z, or "
+           "an alias of a view z; None when the Python path must decide")
       .def("set_layout", [](Observer& o, int64_t ndim, int64_t dim) { o.ndim = ndim; o.dim = dim; },
            "outputs of rank `ndim` hold the neurons in dim `dim` (0 <= dim < ndim)")
       .def_readwrite("observing", &Observer::observing)

@@ -112,10 +112,15 @@ class _HookMonitor:
                 return
             if not isinstance(out, torch.Tensor):
                 return
+            copied = out._is_view()
+            if copied:  # an in-place op on a view (ReLU(inplace=True) after a Linear on
+                # [B, T, d]) rewrites its base's history, and the view's node would never run:
+                # observe a copy, whose node runs either way
+                out = out.clone()
             captured = self._capture(neuron_rows(module, out.detach()))
             if out.grad_fn is None:  # no backward will come (frozen layer and input): count now
                 self._commit(name, "activation", captured)
-                return
+                return out if copied else None
             at = out.output_nr
 
             def grad_hook(grad_outputs):
@@ -126,6 +131,7 @@ class _HookMonitor:
                     self._commit(name, "gradient", self._capture(neuron_rows(module, grad_outputs[at].detach())))
 
             out.grad_fn.register_prehook(grad_hook)
+            return out if copied else None
         return hook
 
     # -- Monitor API ----------------------------------------------------------------------

@@ -92,6 +92,28 @@ def test_channels_last_weights_are_read_at_every_step():
     assert_summaries_close(got, ref.summary())
 
 
+def test_inplace_op_on_a_view_output_is_counted():
+    """A Linear on [B, T, d] returns a view of its matmul's result; ReLU(inplace=True) after it
+    rewrites that result's history, so the view's own node never runs. Every forward is still
+    counted, and training is the plain twin's."""
+    def build_twin():
+        torch.manual_seed(3)
+        return nn.Sequential(nn.Linear(4, 5), nn.ReLU(inplace=True), nn.Linear(5, 3))
+
+    a, b, plain = build_twin(), build_twin(), build_twin()
+    mon, ref = lf.instrument(a), HookSnapshot(b)
+    g = torch.Generator().manual_seed(4)
+    data = [torch.randn(2, 6, 4, generator=g) for _ in range(3)]
+    assert plain[0](data[0])._is_view()
+    for model, monitors in ((a, [mon]), (b, [ref]), (plain, [])):
+        train(model, monitors, data, make_opt(model, "adam"))
+    got = mon.summary()
+    assert (got["0"]["gradient.count"] == 3 * 12).all() and (got["0"]["activation.count"] == 3 * 12).all()
+    assert_summaries_close(got, ref.summary())
+    for p, q in zip(a.parameters(), plain.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
+
+
 def test_parameters_of_modules_without_a_kind_are_tracked_alone():
     class Scale(nn.Module):                   # parameters, but no layer kind
         def __init__(self):

@@ -167,8 +167,9 @@ class LayerState:
             dim = self._dim_of(z)
             if dim is not None and z.shape[dim] == self.neurons:
                 self.observer.set_layout(z.dim(), dim % z.dim())
-                if self.observer.observe(z):
-                    return z
+                observed = self.observer.observe(z)
+                if observed is not None:
+                    return observed
         pending = self._stats(z, columns) if self.track["activation"] else (None, None)
         if not z.requires_grad:
             # no backward will reach this forward (a frozen layer fed by frozen layers): count

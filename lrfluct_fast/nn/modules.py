@@ -28,10 +28,12 @@ class Observed:
         around = state.kind.around
         if around is None:
             out = super().forward(*args, **kwargs)
-            observer = state.observer  # the C++ path; it answers False when Python decides
+            observer = state.observer  # the C++ path; it answers None when Python decides
             if (observer is not None and self.training and isinstance(out, torch.Tensor)
-                    and not torch.compiler.is_compiling() and observer.observe(out)):
-                return out
+                    and not torch.compiler.is_compiling()):
+                observed = observer.observe(out)
+                if observed is not None:
+                    return observed
             return state.observe(self, out)
         if state.why_unobserved(self) is not None:
             return super().forward(*args, **kwargs)
