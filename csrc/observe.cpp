@@ -1,22 +1,24 @@
 // Observer: a wrapped layer's eager observation path, in C++.
 //
 // LayerState (lrfluct_fast/nn/layer_state.py) holds one Observer per layer whose neurons are
-// one dim of its output. `observe(z)` declines when this forward is not a training
-// observation it can take (not observing, grad mode off, z needs no gradient or has no grad_fn,
-// another device, dtype, rank or width, a torch.func transform, a forward-mode dual): returns
-// None, and the Python path decides, explains or raises. Otherwise it computes z's activation
+// one dim of its output. `observe(z)` returns None when this forward is not a training
+// observation it can take (not observing, grad mode off, z needs no gradient or has no
+// grad_fn, another device, dtype, rank or width, a torch.func transform, a forward-mode dual):
+// the Python path then decides, explains or raises. Otherwise it computes z's activation
 // statistics, keeps them on a pre-hook of z's own autograd node (the one that made z) and
 // returns the layer's output: z itself, in the plain model's graph, with no node and no tensor
-// added (an alias on z's own gradient edge where z is a view: see below). When a backward runs that node, the hook sees the gradients it is given
-// (dL/dz after any hook on z) and, while the layer is live (not paused), merges the pending
-// activation statistics and dL/dz's statistics into the running state, handing them on
+// added (an alias on z's own gradient edge where z is a view: see observe()).
+//
+// When a backward runs that node, the hook sees the gradients it is given (dL/dz after any
+// hook on z) and, while the layer is live (not paused), merges the pending activation
+// statistics and dL/dz's statistics into the running state, handing the gradients on
 // unchanged. A node pre-hook runs only when its node runs, as the node this path used to add
-// did: torch.autograd.grad(loss, z) alone, which stops at z, counts nothing. On CPU both are the kernels called
-// directly on raw buffers (no dispatcher, no tensor between them); on other devices the
-// dispatched ops (batch_stats forward, accumulate_stats backward: two launches each on a
-// GPU). Same counting rule and results as nn/observe.py's Python function, which stays the
-// path under torch.compile, for column blocks (attention) and with a GradScaler; the float64
-// reference (baselines.py) hooks the same node the same way.
+// did: torch.autograd.grad(loss, z) alone, which stops at z, counts nothing. On CPU both are
+// the kernels called directly on raw buffers (no dispatcher, no tensor between them); on
+// other devices the dispatched ops (batch_stats forward, accumulate_stats backward: two
+// launches each on a GPU). Same counting rule and results as nn/observe.py's Python function,
+// which stays the path under torch.compile, for column blocks (attention) and with a
+// GradScaler; the float64 reference (baselines.py) hooks the same node the same way.
 #include <torch/extension.h>
 #include <torch/csrc/autograd/function.h>
 #include <torch/csrc/autograd/function_hook.h>
