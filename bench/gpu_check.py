@@ -3,10 +3,14 @@
     python bench/gpu_check.py --out "$OUT"          # on the GPU machine, from the repo root
     python bench/gpu_check.py --smoke --out /tmp/g  # anywhere: tiny sizes on CPU, no timing goals
 
-Installs and builds nothing (the C++ CPU extension is not needed: CUDA tensors use the Triton
-kernels; without it, CPU tensors use plain torch ops). Everything it writes goes under --out:
-  env.txt        date, device, torch and triton versions, lrfluct info
-  tests.txt      the CUDA tests first (tests/test_cuda.py, the op harness on CUDA copies)
+Installs and builds nothing, and needs no install of the package: it runs from the checkout
+(the C++ CPU extension is not needed: CUDA tensors use the Triton kernels; without it, CPU
+tensors use plain torch ops). Everything it writes goes under --out:
+  env.txt        date, device, torch and triton versions
+  tests.txt      the CUDA tests first (tests/test_cuda.py: the monitor against the float64
+                 reference, graph capture, reduce-overhead compile, overlap_weights)
+  ops.txt        the op harness's Triton cases on CUDA copies (tests/test_ops.py -k triton;
+                 pytest-xdist's workers where it is installed)
   kernels.md     each op's GB/s against a copy of the same tensor, timed with CUDA events
                  (median of 20), at GPT-2-medium's shapes (8 x 1024 tokens: d 1024, qkv 3072,
                  fc 4096) and the 50257-wide head, bf16; the temporal update over
@@ -16,12 +20,14 @@ kernels; without it, CPU tensors use plain torch ops). Everything it writes goes
                  without weights <= +2%.
   summary.md     the goals, met or not, and where each number came from
 Each stage has its own time limit; a stage that fails or runs out of time is reported and the
-next one still runs.
+next one still runs. With --smoke the test stages only collect their tests (the interpreter
+would need minutes): that checks they import on the machine's versions.
 """
 from __future__ import annotations
 
 import argparse
 import datetime
+import importlib.util
 import os
 import statistics
 import subprocess
@@ -31,6 +37,7 @@ import time
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # the checkout's package: nothing is installed on the GPU machine
 
 
 def _run(cmd, out_path, timeout):
@@ -112,6 +119,7 @@ def main() -> int:
     p.add_argument("--smoke", action="store_true", help="tiny sizes on CPU: checks the script runs")
     p.add_argument("--skip-tests", action="store_true", help="leave out the test stage")
     args = p.parse_args()
+    started = time.time()
     os.makedirs(args.out, exist_ok=True)
     device = "cpu" if args.smoke else "cuda"
     if device == "cuda" and not torch.cuda.is_available():
@@ -131,12 +139,16 @@ def main() -> int:
         f.write("\n".join(env) + "\n")
     summary += [f"- {line}" for line in env]
 
+    def pytest_stage(name, out_name, args_, timeout):
+        """One pytest run (collection only with --smoke), its line in the summary."""
+        cmd = [sys.executable, "-m", "pytest", "-q", "--maxfail=5", "-p", "no:cacheprovider", *args_]
+        rc, secs = _run(cmd + (["--collect-only"] if args.smoke else []),
+                        os.path.join(args.out, out_name), timeout=timeout)
+        what = "collected" if args.smoke else "passed"
+        summary.append(f"- {name}: {what if rc == 0 else f'FAILED (rc {rc})'} in {secs:.0f} s, {out_name}")
+
     if not args.skip_tests:
-        rc, secs = _run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
-                         "tests/test_cuda.py", "tests/test_ops.py"],
-                        os.path.join(args.out, "tests.txt"), timeout=100)
-        summary.append(f"- CUDA tests (tests/test_cuda.py, tests/test_ops.py): "
-                       f"{'passed' if rc == 0 else f'FAILED (rc {rc})'} in {secs:.0f} s, tests.txt")
+        pytest_stage("CUDA tests (tests/test_cuda.py)", "tests.txt", ["tests/test_cuda.py"], 100)
 
     t = time.time()
     try:
@@ -148,14 +160,20 @@ def main() -> int:
     except Exception as e:  # the next stage still runs
         summary.append(f"- kernels: FAILED ({type(e).__name__}: {e})")
 
+    if not args.skip_tests:
+        workers = ["-n", "4"] if importlib.util.find_spec("xdist") and not args.smoke else []
+        pytest_stage("op harness on the device (tests/test_ops.py -k triton)", "ops.txt",
+                     [*workers, "-k", "triton", "tests/test_ops.py"], 50)
+
     model = "mlp" if args.smoke else "gpt2-medium"
     steps = ["--steps", "2", "--warmup", "0"] if args.smoke else ["--steps", "15", "--warmup", "3"]
     rc, secs = _run([sys.executable, "-m", "lrfluct_fast.cli", "bench", "--device", device,
                      "--model", model, *steps, "--modes", "lrfluct", "lrfluct-no-weights",
                      "hook-streaming", "--out", os.path.join(args.out, "bench")],
-                    os.path.join(args.out, "bench.txt"), timeout=120)
+                    os.path.join(args.out, "bench.txt"), timeout=90)
     summary.append(f"- {model} overhead (`lrfluct bench`): {'done' if rc == 0 else f'FAILED (rc {rc})'} "
                    f"in {secs:.0f} s, bench/bench.md (goal: lrfluct-no-weights <= +2%)")
+    summary.append(f"- whole check: {time.time() - started:.0f} s")
     with open(os.path.join(args.out, "summary.md"), "w") as f:
         f.write("\n".join(summary) + "\n")
     print("\n".join(summary))
