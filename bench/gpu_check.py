@@ -3,10 +3,14 @@
     python bench/gpu_check.py --out "$OUT"          # on the GPU machine, from the repo root
     python bench/gpu_check.py --smoke --out /tmp/g  # anywhere: tiny sizes on CPU, no timing goals
 
-Installs and builds nothing, and needs no install of the package: it runs from the checkout
-(the C++ CPU extension is not needed: CUDA tensors use the Triton kernels; without it, CPU
-tensors use plain torch ops). Everything it writes goes under --out:
-  env.txt        date, device, torch and triton versions
+Installs nothing and needs no install of the package: it runs from the checkout. The C++
+extension is optional: CUDA tensors use the Triton kernels either way, but with it eager layers
+observe through the C++ Observer (the path a `bash install.sh` user runs), without it through
+the Python function. Carry a `lrfluct_fast/_C*.so` built for the machine's Python and torch, or
+pass --build-cpp to build it there first (about a minute on many cores). Everything it writes
+goes under --out:
+  env.txt        date, device, torch and triton versions, `lrfluct info` (which path runs)
+  build.txt      with --build-cpp, where the extension did not load: its build log
   tests.txt      the CUDA tests first (tests/test_cuda.py: the monitor against the float64
                  reference, graph capture, reduce-overhead compile, overlap_weights)
   ops.txt        the op harness's Triton cases on CUDA copies (tests/test_ops.py -k triton;
@@ -40,17 +44,26 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # the checkout's package: nothing is installed on the GPU machine
 
 
-def _run(cmd, out_path, timeout):
+def _run(cmd, out_path, timeout, env=None):
     """Run cmd from the repo root, its output to out_path; (return code, seconds)."""
     t = time.time()
     with open(out_path, "w") as f:
         try:
             rc = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT,
-                                timeout=timeout).returncode
+                                timeout=timeout, env=env).returncode
         except subprocess.TimeoutExpired:
             f.write(f"\n[stopped after {timeout} s]\n")
             rc = 124
     return rc, time.time() - t
+
+
+def _cpp_status() -> str:
+    """"loaded", or why the C++ extension does not load, asked of a fresh interpreter."""
+    code = "from lrfluct_fast._backend import cpp_error; print(cpp_error() or 'loaded')"
+    done = subprocess.run([sys.executable, "-W", "ignore", "-c", code], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    lines = (done.stdout if done.returncode == 0 else done.stderr).strip().splitlines() or ["?"]
+    return lines[-1] if done.returncode == 0 else f"the package does not import: {lines[-1]}"
 
 
 def _event_time(fn, device, repeats=20):
@@ -118,6 +131,8 @@ def main() -> int:
     p.add_argument("--out", default=os.environ.get("OUT", "runs/gpu_check"))
     p.add_argument("--smoke", action="store_true", help="tiny sizes on CPU: checks the script runs")
     p.add_argument("--skip-tests", action="store_true", help="leave out the test stage")
+    p.add_argument("--build-cpp", action="store_true",
+                   help="build the C++ extension in place first, where it does not load")
     args = p.parse_args()
     started = time.time()
     os.makedirs(args.out, exist_ok=True)
@@ -135,6 +150,15 @@ def main() -> int:
         env.append(f"triton {triton.__version__}")
     except ImportError as e:
         env.append(f"triton not importable: {e}")
+    cpp = _cpp_status()
+    if args.build_cpp and cpp != "loaded":
+        rc, secs = _run([sys.executable, "setup.py", "build_ext", "--inplace"],
+                        os.path.join(args.out, "build.txt"), timeout=180,
+                        env={**os.environ, "MAX_JOBS": str(os.cpu_count() or 1)})
+        env.append(f"C++ extension build: {'done' if rc == 0 else f'FAILED (rc {rc})'} in {secs:.0f} s, build.txt")
+        cpp = _cpp_status()
+    env.append(f"C++ extension: {cpp} (eager observation: "
+               f"{'the C++ Observer' if cpp == 'loaded' else 'the Python function'})")
     with open(os.path.join(args.out, "env.txt"), "w") as f:
         f.write("\n".join(env) + "\n")
     summary += [f"- {line}" for line in env]

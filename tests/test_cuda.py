@@ -1,5 +1,8 @@
 """The monitor on CUDA tensors (Triton kernels) against the float64 hook-snapshot reference.
 
+Eager layers observe through the C++ Observer where the extension is built (csrc/observe.cpp:
+the registered ops called through the dispatcher) and through nn/observe.py's Python
+function otherwise; the eager tests run both ("cpp" skips where the extension is not loaded).
 Skipped without a GPU; bench/gpu_check.py runs it on one.
 """
 import copy
@@ -10,6 +13,7 @@ import torch
 from torch import nn
 
 import lrfluct_fast as lf
+from lrfluct_fast._backend import cpp_error
 from lrfluct_fast.baselines import HookSnapshot
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -24,8 +28,27 @@ def cnn():
                          nn.Flatten(), nn.LazyLinear(5))
 
 
-def train(model, monitor_cls, x, y, steps=4, autocast=False):
+@pytest.fixture(params=["cpp", "python"])
+def path(request):
+    """The eager observation path: the C++ Observer, or the Python function."""
+    if request.param == "cpp" and lf.backend("cpu") != "cpp":
+        pytest.skip(f"C++ extension not loaded ({cpp_error()})")
+    return request.param
+
+
+def on_path(monitor, path):
+    if path == "python":
+        for st in monitor.states.values():
+            st.observer = None
+    else:
+        assert all(st.observer is not None for st in monitor.states.values())
+    return monitor
+
+
+def train(model, monitor_cls, x, y, steps=4, autocast=False, path=None):
     monitor = monitor_cls(model)
+    if path is not None:
+        on_path(monitor, path)
     opt = torch.optim.Adam(model.parameters(), 1e-3)
     for _ in range(steps):
         opt.zero_grad()
@@ -39,14 +62,14 @@ def train(model, monitor_cls, x, y, steps=4, autocast=False):
 
 @pytest.mark.parametrize("make, shape, autocast", [
     (mlp, (64, 37), False), (mlp, (64, 37), True), (cnn, (8, 3, 11, 11), False)])
-def test_cuda_matches_snapshot(make, shape, autocast):
+def test_cuda_matches_snapshot(make, shape, autocast, path):
     assert lf.backend("cuda") == "triton"
     torch.manual_seed(0)
     x = torch.randn(shape, device="cuda")
     model = make().cuda()
     model(x)  # materialise lazy layers
     y = torch.randn_like(model(x).float())
-    ours = train(copy.deepcopy(model), lf.instrument, x, y, autocast=autocast)
+    ours = train(copy.deepcopy(model), lf.instrument, x, y, autocast=autocast, path=path)
     ref = train(copy.deepcopy(model), HookSnapshot, x, y, autocast=autocast)
     rtol = 2e-2 if autocast else 1e-4
     for layer, keys in ours.items():
@@ -59,12 +82,12 @@ def test_cuda_matches_snapshot(make, shape, autocast):
                 np.testing.assert_allclose(got, want, rtol=rtol, atol=rtol * scale, err_msg=f"{layer} {key}")
 
 
-def test_eager_monitored_step_replays_in_a_cuda_graph():
+def test_eager_monitored_step_replays_in_a_cuda_graph(path):
     # capture needs no host synchronisation and the same allocations every step: a captured
     # monitored forward + backward replays, and each replay is counted
     torch.manual_seed(0)
     model = mlp().cuda()
-    mon = lf.instrument(model)
+    mon = on_path(lf.instrument(model), path)
     x = torch.randn(64, 37, device="cuda")
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
@@ -106,14 +129,14 @@ def test_compiled_monitored_step_is_cuda_graphed():
     np.testing.assert_array_equal(mon.summary()["0"]["activation.count"], 5 * 64)
 
 
-def test_overlap_weights_records_the_same():
+def test_overlap_weights_records_the_same(path):
     # the weight update on a side stream, overlapping the next forward: the same statistics,
     # and training the same parameters, as the update in line
     runs = {}
     for overlap in (False, True):
         torch.manual_seed(0)
         model = mlp().cuda()
-        mon = lf.instrument(model, overlap_weights=overlap)
+        mon = on_path(lf.instrument(model, overlap_weights=overlap), path)
         opt = torch.optim.Adam(model.parameters(), 1e-2)
         x = torch.randn(64, 37, device="cuda")
         for _ in range(6):

@@ -560,6 +560,20 @@ class _Double(nn.Module):
 
 
 @pytest.mark.skipif(lf.backend("cpu") != "cpp", reason="C++ extension not built")
+def test_cpp_observer_dispatched_path_runs_on_a_non_cpu_device():
+    # On CUDA the C++ Observer calls the registered ops through the dispatcher (batch_stats in
+    # the forward, accumulate_stats in the backward), with C++ signatures that must match the
+    # schemas. Meta tensors take that branch here, through the ops' fake kernels.
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)).to("meta")
+    mon = lf.instrument(model)
+    assert all(st.observer is not None for st in mon.states.values())
+    out = model(torch.randn(5, 4, device="meta"))
+    assert out.grad_fn.name() == "AddmmBackward0"  # the layer's own node: the C++ path ran
+    out.sum().backward()
+    assert model[0].weight.grad.device.type == "meta"
+
+
+@pytest.mark.skipif(lf.backend("cpu") != "cpp", reason="C++ extension not built")
 def test_cpp_observer_and_python_function_record_the_same():
     # eager layers take the C++ Observer (csrc/observe.cpp); the Python Observe is the path
     # under compile: both give the same statistics, including a backward inside paused()
