@@ -6,6 +6,7 @@ for float64 input) of the data's scale: |mean| + std for the mean, var for the v
 """
 from __future__ import annotations
 
+import importlib
 import os
 import subprocess
 import sys
@@ -310,20 +311,29 @@ def test_temporal_update(backend, dtype, flush_every):
         torch.testing.assert_close(var[seen], rvar[seen], rtol=1e-4, atol=0)
 
 
-def test_temporal_update_backends_agree(backend):
+def test_temporal_update_backends_agree(backend, monkeypatch):
     """Every backend keeps the same state layout: the same counts, block starts and master
-    counts as the plain-torch one's, the statistics within rounding."""
-    if backend == "torch":
-        pytest.skip("compares a backend with the torch one")
+    counts as the plain-torch one's general path (every call as whole-tensor float64 ops), the
+    statistics within rounding. For the torch backend this checks its CPU in-place Welford."""
     trajectories = temporal_trajectories(torch.float32, 11)
+    update_module = importlib.import_module("lrfluct_fast.ops.temporal_update")
+    in_place = update_module._welford_in_place
+    taken = []
+    monkeypatch.setattr(update_module, "_welford_in_place",
+                        lambda *a: taken.append(in_place(*a)) or taken[-1])
     runs = {}
-    for name in ("torch", backend):
-        states = [ops.new_state(t[0]) for t in trajectories]
-        for step in range(11):
-            call(name, "temporal_update", [t[step] for t in trajectories], *zip(*states),
-                 flush_every=3)
+    for name in ("general", backend):
+        with monkeypatch.context() as m:
+            if name == "general":
+                m.setattr(update_module, "_welford_in_place", lambda *a: False)
+            states = [ops.new_state(t[0]) for t in trajectories]
+            for step in range(11):
+                call("torch" if name == "general" else name, "temporal_update",
+                     [t[step] for t in trajectories], *zip(*states), flush_every=3)
         runs[name] = states
-    for mine, theirs in zip(runs[backend], runs["torch"]):
+    if backend == "torch":
+        assert any(taken)  # the clean calls inside a block took it
+    for mine, theirs in zip(runs[backend], runs["general"]):
         assert torch.equal(mine[0], theirs[0]) and torch.equal(mine[1], theirs[1])
         assert torch.equal(mine[3][ops.MASTER_COUNT], theirs[3][ops.MASTER_COUNT])
         torch.testing.assert_close(mine[2], theirs[2], rtol=1e-5, atol=1e-9, equal_nan=True)

@@ -8,6 +8,7 @@ resumed can be compared with one that was not.
 from __future__ import annotations
 
 import errno
+import importlib
 import importlib.util
 import itertools
 import os
@@ -120,6 +121,10 @@ def test_files_match_monitor_and_read_directly(tmp_path):
 def test_step_takes_device_copies_only(tmp_path, monkeypatch):
     """No .cpu()/.item()/.numpy()/.tolist() in the training thread during step(); the writer
     thread does the host copies."""
+    # the plain-torch fallback's CPU-only Welford reads its CPU tally on the host, by design;
+    # what is checked here is the code a GPU runs too
+    update_module = importlib.import_module("lrfluct_fast.ops.temporal_update")
+    monkeypatch.setattr(update_module, "_welford_in_place", lambda *a: False)
     net, opt = _make()
     mon = lf.instrument(net, log_dir=tmp_path / "run", log_every=1, summary_every=2)
     in_step, calls = [False], []
