@@ -187,14 +187,14 @@ def main() -> int:
     if not args.skip_tests:
         workers = ["-n", "4"] if importlib.util.find_spec("xdist") and not args.smoke else []
         pytest_stage("op harness on the device (tests/test_ops.py -k triton)", "ops.txt",
-                     [*workers, "-k", "triton", "tests/test_ops.py"], 50)
+                     [*workers, "-k", "triton", "tests/test_ops.py"], 40)
 
     model = "mlp" if args.smoke else "gpt2-medium"
     steps = ["--steps", "2", "--warmup", "0"] if args.smoke else ["--steps", "15", "--warmup", "3"]
     rc, secs = _run([sys.executable, "-m", "lrfluct_fast.cli", "bench", "--device", device,
                      "--model", model, *steps, "--modes", "lrfluct", "lrfluct-no-weights",
                      "hook-streaming", "--out", os.path.join(args.out, "bench")],
-                    os.path.join(args.out, "bench.txt"), timeout=90)
+                    os.path.join(args.out, "bench.txt"), timeout=75)
     summary.append(f"- {model} overhead (`lrfluct bench`): {'done' if rc == 0 else f'FAILED (rc {rc})'} "
                    f"in {secs:.0f} s, bench/bench.md (goal: lrfluct-no-weights <= +2%)")
     summary.append(f"- whole check: {time.time() - started:.0f} s")
