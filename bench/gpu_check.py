@@ -9,7 +9,7 @@ observe through the C++ Observer (the path a `bash install.sh` user runs), witho
 the Python function. Carry a `lrfluct_fast/_C*.so` built for the machine's Python and torch, or
 pass --build-cpp to build it there first (about a minute on many cores). Everything it writes
 goes under --out:
-  env.txt        date, device, torch and triton versions, `lrfluct info` (which path runs)
+  env.txt        date, device, torch and triton versions, whether the C++ extension loads
   build.txt      with --build-cpp, where the extension did not load: its build log
   tests.txt      the CUDA tests first (tests/test_cuda.py: the monitor against the float64
                  reference, graph capture, reduce-overhead compile, overlap_weights)
