@@ -25,7 +25,7 @@ except (ImportError, OSError) as e:  # not built, built against another torch or
     ops.register_torch_fallback("cpu")
     warnings.warn(
         "lrfluct_fast: C++ extension not available, statistics run on plain torch ops "
-        "(the paper's autoencoder then trains about 3x slower monitored, against about 1.1x "
+        "(the paper's autoencoder then trains about 2.6x slower monitored, against about 1.1x "
         "with it). Build it with `pip install --no-build-isolation -e .` "
         f"({_cpp_error})",
         RuntimeWarning, stacklevel=2)
