@@ -84,6 +84,24 @@ def test_lrfluct_variants_split_the_cost(tmp_path):
     assert "| lrfluct-neuron |" in (out / "bench.md").read_text()
 
 
+def test_plain_twin_reports_the_noise_floor(tmp_path):
+    """none-twin is a second unmonitored copy of the model: no monitor, and its overhead
+    against none, stated under the table, is the noise an overhead is read against."""
+    out = tmp_path / "bench"
+    rc = cli.main(["bench", "--model", "factories:tiny", "--steps", "3", "--warmup", "0",
+                   "--modes", "none-twin", "lrfluct", "--out", str(out)])
+    assert rc == 0
+    raw = json.loads((out / "bench.json").read_text())["factories:tiny"]
+    assert raw["none-twin"]["monitor_bytes"] == [0, 0, 0]
+    assert raw["lrfluct"]["monitor_bytes"][0] > 0
+    twin = runner.overheads({m: runner.ModeResult(times=raw[m]["times_s"]) for m in ("none", "none-twin")})
+    report = (out / "bench.md").read_text()
+    assert "| none-twin |" in report
+    assert f"Noise floor: none-twin, a second plain copy of the model, measured {twin['none-twin']:+.1%}" in report
+    assert runner.attach("none-twin", nn.Linear(2, 2)) == (None, runner.contextlib.nullcontext)
+    assert runner.report_modes()[:2] == ("none", "none-twin")  # `lrfluct bench` without --modes
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--model", "no_such_module:f"], "cannot load factory"),
     (["--model", "factories:missing"], "cannot load factory"),

@@ -40,9 +40,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "in a run that trains one model")
     p.add_argument("--modes", nargs="+", default=None,
                    help=f"any of {', '.join(runner.known_modes())} (default: "
-                        f"{', '.join(runner.available_modes())}); lrfluct-neuron, lrfluct-no-weights, "
+                        f"{', '.join(runner.report_modes())}); lrfluct-neuron, lrfluct-no-weights, "
                         "lrfluct-activations, lrfluct-gradients and lrfluct-weights split lrfluct's "
-                        "cost, lrfluct-drift adds drift=True's")
+                        "cost, lrfluct-drift adds drift=True's; none-twin, a second plain copy "
+                        "of the model, is the noise floor its overheads are read against")
     p.add_argument("--out", default="runs/bench", help="output directory (default runs/bench)")
     p.add_argument("--scaling", action="store_true",
                    help="also measure overhead against width, layers and batch (MLP), and "
@@ -65,7 +66,7 @@ def _check(args) -> list[str]:
         raise UsageError(f"--device {args.device}: CUDA is not available on this machine")
     if args.device not in ("cpu",) and not args.device.startswith("cuda"):
         raise UsageError(f"--device must be cpu or cuda, got {args.device!r}")
-    modes = args.modes or list(runner.available_modes())
+    modes = args.modes or list(runner.report_modes())
     unknown = set(modes) - set(runner.known_modes())
     if unknown:
         raise UsageError(f"unknown or unavailable modes {sorted(unknown)}; available: "
@@ -108,6 +109,14 @@ def _table(results, modes) -> list[str]:
     return rows
 
 
+def _noise_floor(results) -> list[str]:
+    if runner.PLAIN_TWIN not in results:
+        return []
+    twin = runner.overheads(results)[runner.PLAIN_TWIN]
+    return [f"Noise floor: {runner.PLAIN_TWIN}, a second plain copy of the model, measured "
+            f"{twin:+.1%} against none; overheads within about that are this machine's noise.", ""]
+
+
 def _run_model(spec, args, modes, raw):
     make = args.factories[spec]
     bar, tick = _progress(_steps_per_mode(args) * len(modes), f"bench {spec}")
@@ -123,7 +132,7 @@ def _run_model(spec, args, modes, raw):
     lines = [f"## {spec}", "", *_table(results, modes), "",
              f"Agreement: lrfluct vs hook-streaming statistics, max relative difference over "
              f"every summary key over 2 steps of one model monitored both ways: {agree:.1e} at {where} "
-             f"({'agree' if agree < 1e-3 else 'DISAGREE'}).", ""]
+             f"({'agree' if agree < 1e-3 else 'DISAGREE'}).", "", *_noise_floor(results)]
     print("\n".join(lines))
     return results, lines
 
@@ -153,7 +162,7 @@ def _scaling(args, modes, raw):
     lines += _real_architecture_row(args, modes, raw)
     curves = {}
     for mode in modes:
-        if mode in ("none", "backpack"):
+        if mode in ("none", runner.PLAIN_TWIN, "backpack"):
             continue
         curves[mode] = runner.memory_curve(models.autoencoder, args.device, mode,
                                            args.memory_steps, every=max(1, args.memory_steps // 20))

@@ -4,13 +4,15 @@ Modes: none (no monitoring), lrfluct (lf.instrument: activations + gradients + w
 step), hook-streaming and hook-snapshot (lrfluct_fast.baselines), and, when the package
 backpack-for-pytorch is installed, backpack (its Variance extension: per-parameter variance of
 the per-sample gradients, an outside peer that also instruments every layer). On request, lrfluct
-with other options (LRFLUCT_VARIANTS), to split lrfluct's cost. Each mode trains its own
+with other options (LRFLUCT_VARIANTS), to split lrfluct's cost, and none-twin: a second plain
+copy of the model, whose overhead against none is what two identical models differ by on this
+machine (the noise floor an overhead is read against). Each mode trains its own
 copy of the same seeded workload; after warm-up, the modes take turns (the order rotated each
 round) so drift in the machine's speed hits all modes alike. A turn is one step by default, so
 every step starts with caches that the other modes' models evicted; with `run_length` K > 1 a
 turn is K steps and its first is untimed, so the timed steps see the caches a training run that
-monitors one model sees (the paper's autoencoder: about +10% one step per turn, +14% in turns
-of 10; bench/RESULTS.md). Reported per
+monitors one model sees (the paper's autoencoder: medians of +9.7% one step per turn and
++10.0% in turns of 10, with the twin within -2.5 to +1.7%; bench/RESULTS.md). Reported per
 mode: median step time and its spread, overhead against none (paired by round), monitor
 memory and its growth per step. The snapshot's memory grows without bound; past `snapshot_budget` bytes it is
 reset (its growth per step is measured before that), so a long run stays within memory.
@@ -32,6 +34,7 @@ from ..monitor import instrument
 from .models import Workload
 
 MODES = ("none", "lrfluct", "hook-streaming", "hook-snapshot")
+PLAIN_TWIN = "none-twin"  # a second unmonitored copy: the measurement's own noise against none
 # lrfluct with other options: run only when asked for by name, to split lrfluct's cost.
 LRFLUCT_VARIANTS = {
     "lrfluct": {},
@@ -51,12 +54,18 @@ def available_modes() -> tuple[str, ...]:
 
 def known_modes() -> tuple[str, ...]:
     """Every mode --modes accepts."""
-    return available_modes() + tuple(m for m in LRFLUCT_VARIANTS if m not in MODES)
+    return available_modes() + tuple(m for m in LRFLUCT_VARIANTS if m not in MODES) + (PLAIN_TWIN,)
+
+
+def report_modes() -> tuple[str, ...]:
+    """The modes `lrfluct bench` measures without --modes: the available ones with the plain
+    twin next to none, so every report carries its own noise floor."""
+    return ("none", PLAIN_TWIN) + tuple(m for m in available_modes() if m != "none")
 
 
 def attach(mode: str, model):
     """Returns (monitor or None, a context manager factory the step runs in)."""
-    if mode == "none":
+    if mode in ("none", PLAIN_TWIN):
         return None, contextlib.nullcontext
     if mode in LRFLUCT_VARIANTS:
         return instrument(model, **LRFLUCT_VARIANTS[mode]), contextlib.nullcontext
